@@ -1,0 +1,123 @@
+"""The ``data:`` section of a run's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data.schema import FieldError
+
+__all__ = ["AugmentConfig", "SyntheticConfig", "DataConfig", "DEFECT_TYPES"]
+
+#: Defects seen on real sealing lines; the synthetic renderer draws each of them.
+DEFECT_TYPES: tuple[str, ...] = ("gap", "bubble", "thin", "thick", "offset", "spill", "overlap")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentations suited to inspection: no crops that could cut a defect out."""
+
+    hflip: float = 0.5  # probability
+    vflip: float = 0.5  # probability
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
+    translate: float = 0.05  # fraction of the image side
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = 0.2  # factor in [1 - b, 1 + b]
+    contrast: float = 0.2
+    saturation: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("hflip", "vflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FieldError(name, f"is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise FieldError("scale", f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in procedural sealant-bead images (``data.source: synthetic``)."""
+
+    view: Literal["segment", "part"] = "segment"
+    image_size: int = 96
+    num_train: int = 1200
+    num_val: int = 300
+    num_test: int = 400
+    severity: tuple[float, float] = (0.5, 1.0)
+    defect_ratio: float = 0.2
+    defect_types: tuple[str, ...] = DEFECT_TYPES
+    #: Render new training images every epoch (same labels, new beads): data need not repeat.
+    fresh: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise FieldError("image_size", f"must be >= 16 pixels, got {self.image_size}")
+        for name in ("num_train", "num_val", "num_test"):
+            if getattr(self, name) < 2:
+                raise FieldError(name, f"must be >= 2 images, got {getattr(self, name)}")
+        lo, hi = self.severity
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise FieldError("severity", f"must be [low, high] within [0, 1], got {list(self.severity)}")
+        if not 0.0 < self.defect_ratio < 1.0:
+            raise FieldError("defect_ratio", f"must be in (0, 1), got {self.defect_ratio}")
+        unknown = [t for t in self.defect_types if t not in DEFECT_TYPES]
+        if unknown or not self.defect_types:
+            raise FieldError("defect_types", f"must be a non-empty list from {list(DEFECT_TYPES)}, got {unknown or '[]'}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from, how they are split and checked, and how they are loaded."""
+
+    source: Literal["synthetic", "yolo", "folder"] = "synthetic"
+    #: yolo: a data.yaml file or the folder holding it; folder: the root of the class folders.
+    path: str | None = None
+    #: yolo: class ids or names whose boxes make an image a defect (default: every class).
+    defect_classes: list[int | str] | None = None
+    #: yolo: an image without a label file is 'normal' or an 'error'.
+    missing_label: Literal["normal", "error"] = "normal"
+    #: folder: which folder names mean defect and which mean normal.
+    defect_folders: list[str] = field(default_factory=lambda: ["defect"])
+    normal_folders: list[str] = field(default_factory=lambda: ["normal"])
+    #: Unreadable images: stop with a list of them, or skip them and list them in the run.
+    on_corrupt: Literal["error", "skip"] = "error"
+    #: train/val/test fractions when the source has no split of its own.
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    #: A regex on the file name whose first group (or whole match) names a group of near-identical
+    #: frames (a capture session, a burst) that must stay within one split.
+    group_by: str | None = None
+    #: Cross-split near-duplicate check by perceptual hash; pairs within this Hamming distance.
+    dedup: bool = True
+    dedup_distance: int = 4
+    #: 'weighted' draws training batches with equal expected counts of each class.
+    sampler: Literal["random", "weighted"] = "random"
+    #: Weight the cross-entropy by inverse class frequency.
+    class_weighted_loss: bool = False
+    #: Keep decoded images in RAM ('auto': when they fit in ram_limit_mb).
+    cache: Literal["none", "ram", "auto"] = "auto"
+    ram_limit_mb: int = 2048
+    #: Fraction of the image kept by the evaluation crop; 1.0 keeps it whole (a defect at the
+    #: border must not be cropped away). Images are resized to a square.
+    crop_pct: float = 1.0
+    num_workers: int | None = None  # None: chosen from the CPU count
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source in ("yolo", "folder") and not self.path:
+            raise FieldError("path", f"is required for data.source '{self.source}' (the dataset's location)")
+        if any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0:
+            raise FieldError("split", f"must be three fractions train, val, test that sum to 1, got {list(self.split)}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise FieldError("crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        if self.dedup_distance < 0:
+            raise FieldError("dedup_distance", f"must be >= 0, got {self.dedup_distance}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise FieldError("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.group_by is not None:
+            import re
+
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise FieldError("group_by", f"is not a valid regular expression: {exc}") from None

@@ -1,0 +1,1 @@
+"""Distillation losses, teacher-output cache, the config and the pipeline runner."""

@@ -1,0 +1,1 @@
+"""Cost (params, MACs, latency, memory, size), quality metrics, thresholds, plots and the report."""

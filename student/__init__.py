@@ -1,0 +1,1 @@
+"""Students (timm CNNs), structured pruning with torch-pruning, safe saving, ONNX export."""

@@ -1,0 +1,50 @@
+"""Training hyper-parameters shared by every stage (teacher, student, baseline, pruned recovery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from data.schema import FieldError
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One stage's loop: AdamW, warm-up then cosine, clipping, smoothing, EMA, early stopping."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    #: Validation metric that picks the best epoch and drives early stopping.
+    monitor: Literal["val_auroc", "val_f1", "val_loss"] = "val_auroc"
+    #: Stop after this many epochs without improvement (None: never).
+    patience: int | None = None
+    #: Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler); off on CPU.
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise FieldError("epochs", f"must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise FieldError("lr", f"must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0:
+            raise FieldError("warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FieldError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise FieldError("ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        if self.patience is not None and self.patience < 1:
+            raise FieldError("patience", f"must be >= 1 or null, got {self.patience}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise FieldError("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
