@@ -15,3 +15,30 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_image(path, seed: int = 0, size: int = 40, mode: str = "RGB", fmt: str | None = None):
+    """A small random image file (distinct content per seed) for data tests."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    # Smooth random blobs: perceptual hashes of different seeds differ clearly.
+    small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)  # uint16 -> mode I;16
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_writer():
+    return write_image

@@ -1,0 +1,215 @@
+"""The data stage: read the source, check every image, split, look for leakage, write the reports.
+
+Writes into ``runs/<name>/data/``: ``manifest.csv`` (path, label, group, split — reused on rerun,
+so a run never silently reshuffles), ``report.json`` (sources, class counts per split, what was
+skipped, the duplicate check), ``duplicates.json`` and ``skipped.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.config import DataConfig
+from data.dedup import cross_split_duplicates
+from data.errors import UserError
+from data.folder import read_folder
+from data.images import phash_bits, scan_images
+from data.loader import InspectionDataset, class_weights, make_loader, synthetic_pixels
+from data.manifest import SPLITS, Sample, SkippedFile, atomic_write_text, read_manifest, write_manifest, write_skipped
+from data.schema import to_dict
+from data.split import check_splits, complete_splits, straddling_groups, with_groups
+from data.yolo import read_yolo
+
+__all__ = ["PreparedData", "prepare_data", "summary_lines", "LeakageWarning"]
+
+_MAX_LISTED = 20
+
+
+class LeakageWarning(UserWarning):
+    """Near-duplicates or shared groups across splits: test numbers may be optimistic."""
+
+
+@dataclass
+class PreparedData:
+    """The checked, split dataset of a run, and the way to load any split at any size."""
+
+    cfg: DataConfig
+    samples: list[Sample]
+    seed: int
+    report: dict
+    _pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    def labels(self, name: str) -> torch.Tensor:
+        return torch.tensor([s.label for s in self.split(name)], dtype=torch.long)
+
+    def class_weights(self) -> torch.Tensor:
+        return class_weights(self.labels("train"))
+
+    def _cached_pixels(self, size: int) -> list[np.ndarray] | None:
+        """All real images decoded once at ``size`` and kept for every later epoch and stage."""
+        if self.cfg.source == "synthetic" or self.cfg.cache == "none":
+            return None
+        if self.cfg.cache == "auto" and len(self.samples) * size * size * 3 > self.cfg.ram_limit_mb * 2**20:
+            return None
+        if size not in self._pixels:
+            results = scan_images([s.path for s in self.samples], keep_size=size, crop_pct=self.cfg.crop_pct,
+                                  desc=f"decode to RAM at {size} px")
+            bad = [(s.path, r.error) for s, r in zip(self.samples, results) if r.error]
+            if bad:
+                raise UserError(f"{len(bad)} image(s) became unreadable since the data stage, e.g. {bad[0][0]}: "
+                                f"{bad[0][1]}; rerun with --force data")
+            self._pixels[size] = [r.pixels for r in results]
+        return self._pixels[size]
+
+    def dataset(self, split: str, size: int, *, train: bool = False) -> InspectionDataset:
+        index = [i for i, s in enumerate(self.samples) if s.split == split]
+        cached = self._cached_pixels(size)
+        return InspectionDataset(
+            [self.samples[i] for i in index], size,
+            augment_cfg=self.cfg.augment if train else None,
+            crop_pct=self.cfg.crop_pct,
+            synthetic=self.cfg.synthetic if self.cfg.source == "synthetic" else None,
+            run_seed=self.seed,
+            pixels=[cached[i] for i in index] if cached is not None else None,
+        )
+
+    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
+               num_replicas: int = 1, rank: int = 0) -> DataLoader:
+        return make_loader(
+            self.dataset(split, size, train=train), batch_size, train=train, seed=self.seed,
+            weighted=train and self.cfg.sampler == "weighted", views=views,
+            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank,
+        )
+
+
+# ----------------------------------------------------------------------------- sources
+def _synthetic_samples(cfg: DataConfig, seed: int) -> list[Sample]:
+    """Exact class counts per split; which indices are defects is seeded."""
+    syn = cfg.synthetic
+    samples: list[Sample] = []
+    for split, n in (("train", syn.num_train), ("val", syn.num_val), ("test", syn.num_test)):
+        n_defect = min(n - 1, max(1, round(n * syn.defect_ratio)))
+        labels = np.zeros(n, dtype=int)
+        labels[np.random.default_rng([seed, n, len(split)]).permutation(n)[:n_defect]] = 1
+        samples += [Sample(f"synthetic:{split}/{i:06d}", int(labels[i]), f"{split}/{i:06d}", split,
+                           f"synthetic {syn.view}") for i in range(n)]
+    return samples
+
+
+def _read_source(cfg: DataConfig) -> tuple[list[Sample], list[SkippedFile], dict]:
+    if cfg.source == "yolo":
+        ds = read_yolo(cfg.path, cfg.defect_classes, cfg.missing_label)
+        info = {"root": str(ds.root), "class_names": ds.names, "label_counts": ds.counts}
+        return ds.samples, ds.skipped, info
+    if cfg.source == "folder":
+        samples, skipped = read_folder(cfg.path, cfg.defect_folders, cfg.normal_folders)
+        return samples, skipped, {"root": str(Path(cfg.path).expanduser())}
+    return [], [], {"synthetic": to_dict(cfg.synthetic)}
+
+
+def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedFile]) -> tuple[list[Sample], list[int | None]]:
+    """Decode every image once: list all broken files together, then stop or skip them."""
+    results = scan_images([s.path for s in samples])
+    broken = [(s, r.error) for s, r in zip(samples, results) if r.error]
+    if broken and cfg.on_corrupt == "error":
+        lines = [f"{s.path}: {err}" for s, err in broken]
+        more = f"\n  ... and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
+        raise UserError(
+            f"{len(broken)} unreadable image(s):\n  " + "\n  ".join(lines[:_MAX_LISTED]) + more +
+            "\nRemove or replace them, or set data.on_corrupt=skip to skip them (they are listed in data/skipped.csv)."
+        )
+    skipped.extend(SkippedFile(s.path, f"unreadable: {err}") for s, err in broken)
+    kept = [(s, r.phash) for s, r in zip(samples, results) if not r.error]
+    return [s for s, _ in kept], [h for _, h in kept]
+
+
+# ----------------------------------------------------------------------------- the stage
+def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
+    """Run (or reuse) the data stage and return the split dataset."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest, report_path = out_dir / "manifest.csv", out_dir / "report.json"
+    if manifest.is_file() and report_path.is_file():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        samples = read_manifest(manifest)
+        return PreparedData(cfg, samples, seed, report)
+
+    samples, skipped, info = _read_source(cfg)
+    if cfg.source == "synthetic":
+        samples = _synthetic_samples(cfg, seed)
+        hashes: list[int | None] = [
+            phash_bits(synthetic_pixels(s, cfg.synthetic, seed, 0, cfg.synthetic.image_size)) for s in samples
+        ] if cfg.dedup else [None] * len(samples)
+        split_note = "synthetic splits"
+    else:
+        samples, hashes = _check_images(cfg, samples, skipped)
+        samples, unmatched = with_groups(samples, cfg.group_by)
+        info["group_by"] = {"regex": cfg.group_by, "names_not_matched": unmatched} if cfg.group_by else None
+        had_splits = any(s.split for s in samples)
+        by_path = dict(zip((s.path for s in samples), hashes))
+        samples, split_note = complete_splits(samples, cfg.split, seed)
+        hashes = [by_path[s.path] for s in samples]
+        if had_splits and cfg.group_by:
+            shared = straddling_groups(samples)
+            info["groups_across_splits"] = {"count": len(shared), "examples": dict(list(shared.items())[:_MAX_LISTED])}
+            if shared:
+                warnings.warn(f"{len(shared)} group(s) of data.group_by have images in more than one of the "
+                              f"source's splits, e.g. {next(iter(shared))}", LeakageWarning, stacklevel=2)
+    counts = check_splits(samples)
+    duplicates = cross_split_duplicates(samples, hashes, cfg.dedup_distance) if cfg.dedup else {"pairs": None}
+    if duplicates.get("pairs"):
+        warnings.warn(
+            f"{duplicates['pairs']} near-duplicate image pair(s) across splits "
+            f"({duplicates['test_images_with_duplicate_elsewhere']} test images have one in train/val): test "
+            "scores may be optimistic; see data/duplicates.json and consider data.group_by", LeakageWarning, stacklevel=2)
+    report = {
+        "source": cfg.source,
+        **info,
+        "split_method": split_note,
+        "counts": counts,
+        "total": len(samples),
+        "skipped": len(skipped),
+        "skipped_by_reason": _count_reasons(skipped),
+        "duplicates": {k: v for k, v in duplicates.items() if k != "examples"},
+    }
+    write_skipped(skipped, out_dir / "skipped.csv")
+    atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))
+    write_manifest(samples, manifest)
+    atomic_write_text(report_path, json.dumps(report, indent=2))  # last: its presence marks the stage done
+    return PreparedData(cfg, samples, seed, report)
+
+
+def _count_reasons(skipped: list[SkippedFile]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in skipped:
+        key = s.reason.split(":")[0].split(" (")[0]
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A few lines for the console: counts per split, skipped files, leakage."""
+    lines = [f"source: {report['source']} ({report['split_method']})"]
+    for sp in SPLITS:
+        c = report["counts"][sp]
+        total = c["normal"] + c["defect"]
+        lines.append(f"  {sp:<5} {total:>6} images  normal {c['normal']:>6}  defect {c['defect']:>6}"
+                     f"  ({100 * c['defect'] / max(total, 1):.1f}% defect)")
+    if report["skipped"]:
+        lines.append(f"skipped {report['skipped']} file(s): {report['skipped_by_reason']} (listed in data/skipped.csv)")
+    dup = report["duplicates"]
+    if dup.get("pairs") is None:
+        lines.append("near-duplicate check: off (data.dedup=false)")
+    else:
+        lines.append(f"near-duplicates across splits: {dup['pairs']} pair(s) within {dup['max_distance']} bits"
+                     + (" — LEAKAGE RISK, see data/duplicates.json" if dup["pairs"] else ""))
+    return lines
