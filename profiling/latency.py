@@ -1,0 +1,577 @@
+"""Latency per runtime, batch size and thread count, and the limits to read it against.
+
+Every figure carries its runtime, batch, threads and device, and comes from warm-up calls followed
+by timed runs (median, p90 and spread, not a single call). Timing on a CPU that other processes are
+using is worse than no figure (measured here: contention skewed timings 0.6-12x), so the load from
+other processes is read before and during each measurement and a busy machine gives a warning and
+no figure, unless ``allow_busy=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+__all__ = [
+    "RUNTIMES",
+    "BusyCpuWarning",
+    "CpuTimes",
+    "CudaRunner",
+    "EagerRunner",
+    "LatencyStats",
+    "OnnxRunner",
+    "Runtime",
+    "RuntimeUnavailable",
+    "cpu_times",
+    "ideal_ms",
+    "machine_info",
+    "matmul_peak_gflops",
+    "measure",
+    "measure_cuda",
+    "other_cpu_load",
+    "other_load",
+    "peak_memory_mb",
+    "profile_latency",
+    "summarize",
+]
+
+_LOAD_SAMPLE_S = 0.5  # how long the CPU is watched before a measurement starts
+
+
+class BusyCpuWarning(RuntimeWarning):
+    """Other processes loaded the CPU, so a latency figure was withheld."""
+
+
+class RuntimeUnavailable(Exception):
+    """A runtime that does not apply here (no int8 file, no CUDA); the message says why."""
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call of one batch; the figures are None when ``skipped`` says why."""
+
+    runtime: str
+    batch: int
+    threads: int
+    device: str  # "cpu (<model>)" or "cuda (<GPU name>)"
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    runs: int = 0
+    images_per_s: float | None = None  # batch / median
+    other_cpu_load: float | None = None  # cores other processes kept busy while timing; None: not read
+    skipped: str | None = None
+
+
+def summarize(
+    times_ms: Sequence[float],
+    *,
+    runtime: str,
+    batch: int,
+    threads: int,
+    device: str,
+    other_cpu_load: float | None = None,
+) -> LatencyStats:
+    """Median, p90 and spread of timed runs; images/s from the median, which one slow run cannot move."""
+    t = np.asarray(times_ms, dtype=float)
+    median = float(np.median(t))
+    return LatencyStats(
+        runtime=runtime,
+        batch=batch,
+        threads=threads,
+        device=device,
+        median_ms=median,
+        p90_ms=float(np.percentile(t, 90)),
+        mean_ms=float(t.mean()),
+        std_ms=float(t.std(ddof=1)) if t.size > 1 else 0.0,
+        min_ms=float(t.min()),
+        max_ms=float(t.max()),
+        runs=int(t.size),
+        images_per_s=batch / (median / 1e3),
+        other_cpu_load=other_cpu_load,
+    )
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def measure(
+    fn: Callable[[], Any], *, warmup: int = 10, runs: int = 30, sync: Callable[[], Any] | None = None
+) -> list[float]:
+    """Milliseconds per call of ``fn`` (wall clock, ``perf_counter``) after ``warmup`` untimed calls.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before the clock starts and before it
+    stops, so work ``fn`` only enqueued is timed too.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure_cuda(fn: Callable[[], Any], *, warmup: int = 10, runs: int = 30) -> list[float]:
+    """Milliseconds per call of ``fn`` between CUDA events on the current stream, waiting for each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+# --- runners: one zero-argument call = one batch ---------------------------------------------------
+
+
+class EagerRunner:
+    """A copy of the model in eager PyTorch, fp32, under ``inference_mode`` (the caller's model is untouched)."""
+
+    device = "cpu"
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, *, channels_last: bool = False) -> None:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32, memory_format=layout)
+        self.x = x.to(device="cpu", dtype=torch.float32).contiguous(memory_format=layout)
+
+    def __call__(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(self.x)
+
+
+def _ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0 would mean "ORT decides": the figure would not say how many
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRunner:
+    """An ONNX file (fp32 or int8) in ONNX Runtime on the CPU with ``threads`` intra-op threads.
+
+    Picklable (the session is rebuilt from the path), so :func:`peak_memory_mb` can run it in a
+    fresh process.
+    """
+
+    device = "cpu"
+
+    def __init__(self, path: str | os.PathLike[str], x: np.ndarray | torch.Tensor, threads: int) -> None:
+        self.path, self.threads = Path(path), threads
+        self.x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        self.session = _ort_session(self.path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self) -> np.ndarray:
+        return self.session.run(None, {self.input_name: self.x})[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "x": self.x, "threads": self.threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+
+class CudaRunner:
+    """A copy of the model on the GPU under ``torch.autocast`` to ``dtype`` (fp16 or bf16), inference mode."""
+
+    device = "cuda"
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+        self.model = copy.deepcopy(model).eval().to(device="cuda", dtype=torch.float32)
+        self.x = x.to(device="cuda", dtype=torch.float32)
+        self.dtype = dtype
+
+    def __call__(self) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=self.dtype):
+            return self.model(self.x)
+
+
+@dataclass(frozen=True)
+class _Target:
+    model: nn.Module | None
+    onnx: Path | None
+    onnx_int8: Path | None
+
+
+def _need_model(t: _Target) -> nn.Module:
+    if t.model is None:
+        raise RuntimeUnavailable("needs the nn.Module; only an ONNX file was given")
+    return t.model
+
+
+def _need_cuda(t: _Target, dtype: torch.dtype) -> nn.Module:
+    model = _need_model(t)
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable("no CUDA device")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise RuntimeUnavailable(f"{torch.cuda.get_device_name()} has no native bf16 (emulated, it would only be slow)")
+    return model
+
+
+def _onnx(t: _Target, x: torch.Tensor, threads: int) -> OnnxRunner:
+    if t.onnx is None:
+        raise RuntimeUnavailable("no fp32 ONNX file given")
+    return OnnxRunner(t.onnx, x, threads)
+
+
+def _onnx_int8(t: _Target, x: torch.Tensor, threads: int) -> OnnxRunner:
+    if t.onnx_int8 is None:
+        raise RuntimeUnavailable("no int8 ONNX file given (not quantised?)")
+    return OnnxRunner(t.onnx_int8, x, threads)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a runtime runs and how to build its runner (raising RuntimeUnavailable if it cannot)."""
+
+    device: str
+    build: Callable[[_Target, torch.Tensor, int], Callable[[], Any]]
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "eager": Runtime("cpu", lambda t, x, threads: EagerRunner(_need_model(t), x)),
+    "eager_channels_last": Runtime("cpu", lambda t, x, threads: EagerRunner(_need_model(t), x, channels_last=True)),
+    "onnx": Runtime("cpu", _onnx),
+    "onnx_int8": Runtime("cpu", _onnx_int8),
+    "cuda_fp16": Runtime("cuda", lambda t, x, threads: CudaRunner(_need_cuda(t, torch.float16), x, torch.float16)),
+    "cuda_bf16": Runtime("cuda", lambda t, x, threads: CudaRunner(_need_cuda(t, torch.bfloat16), x, torch.bfloat16)),
+}
+
+
+# --- is anybody else using the CPU? ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Clock ticks from /proc: on the CPUs this process may use, and by this process itself."""
+
+    busy: int  # not idle, including time stolen by other virtual machines
+    total: int
+    cpus: int
+    own: int  # user + system time of this process, all threads
+
+
+def cpu_times() -> CpuTimes | None:
+    """A reading of /proc/stat and /proc/self/stat; None where there is no /proc (not Linux)."""
+    try:
+        stat = Path("/proc/stat").read_text()
+        own_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    usable = os.sched_getaffinity(0)
+    busy = total = cpus = 0
+    for line in stat.splitlines():
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in usable):
+            continue
+        # user nice system idle iowait irq softirq steal (guest time is already inside user)
+        ticks = [int(f) for f in fields[:8]]
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+        cpus += 1
+    utime, stime = int(own_fields[11]), int(own_fields[12])  # fields 14 and 15 of proc(5)
+    return CpuTimes(busy=busy, total=total, cpus=cpus, own=utime + stime)
+
+
+def other_load(before: CpuTimes, after: CpuTimes) -> float:
+    """Cores' worth of time other processes (and other VMs, via steal) used between two readings."""
+    elapsed_per_cpu = (after.total - before.total) / max(after.cpus, 1)
+    if elapsed_per_cpu <= 0:
+        return 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return max(others, 0) / elapsed_per_cpu
+
+
+def other_cpu_load(interval: float = _LOAD_SAMPLE_S) -> float | None:
+    """Cores other processes keep busy, watched for ``interval`` seconds; None where it cannot be read."""
+    before = cpu_times()
+    time.sleep(interval)
+    after = cpu_times()
+    return None if before is None or after is None else other_load(before, after)
+
+
+# --- the measurement -----------------------------------------------------------------------------
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _device_name(kind: str) -> str:
+    if kind == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cuda"
+    return f"cpu ({_cpu_model()})"
+
+
+def _existing(path: str | os.PathLike[str] | None, what: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return Path(path)
+
+
+def profile_latency(
+    model_or_onnx: nn.Module | str | os.PathLike[str],
+    img_size: int,
+    runtimes: Sequence[str] = ("eager", "eager_channels_last", "onnx", "onnx_int8"),
+    batch_sizes: Sequence[int] = (1,),
+    threads: int | Sequence[int] | None = None,
+    warmup: int = 10,
+    runs: int = 30,
+    *,
+    onnx_path: str | os.PathLike[str] | None = None,
+    onnx_int8_path: str | os.PathLike[str] | None = None,
+    allow_busy: bool = False,
+    max_other_load: float = 0.25,
+) -> list[LatencyStats]:
+    """Time each runtime x batch size x thread count on random ``3 x img_size x img_size`` images.
+
+    ``model_or_onnx`` is an ``nn.Module`` (eager and CUDA runtimes; ONNX ones too when
+    ``onnx_path`` / ``onnx_int8_path`` are given) or an fp32 ``.onnx`` file. ``threads`` None
+    means every core this process may use. A runtime that does not apply comes back with
+    ``skipped`` set, never with a made-up figure; so does a measurement during which other
+    processes used more than ``max_other_load`` cores (with a :class:`BusyCpuWarning`).
+    PyTorch's thread count is restored afterwards.
+    """
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; valid: {sorted(RUNTIMES)}")
+    thread_counts = [_usable_cores()] if threads is None else [threads] if isinstance(threads, int) else list(threads)
+    if runs < 1 or warmup < 0 or min(batch_sizes, default=0) < 1 or min(thread_counts, default=0) < 1:
+        raise ValueError(
+            f"need runs >= 1, warmup >= 0, batch sizes >= 1 and threads >= 1; "
+            f"got {runs}, {warmup}, {list(batch_sizes)}, {thread_counts}"
+        )
+    if isinstance(model_or_onnx, nn.Module):
+        target = _Target(model_or_onnx, _existing(onnx_path, "ONNX file"), _existing(onnx_int8_path, "int8 ONNX file"))
+    else:
+        if onnx_path is not None:
+            raise ValueError("give the fp32 ONNX file once: as model_or_onnx or as onnx_path")
+        target = _Target(None, _existing(model_or_onnx, "ONNX file"), _existing(onnx_int8_path, "int8 ONNX file"))
+
+    results = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for n_threads in thread_counts:
+            torch.set_num_threads(n_threads)
+            for name in runtimes:
+                for batch in batch_sizes:
+                    results.append(
+                        _measure_one(name, target, img_size, batch, n_threads, warmup, runs, allow_busy, max_other_load)
+                    )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def _withheld(where: dict[str, Any], load: float, when: str, max_other_load: float) -> LatencyStats:
+    reason = f"CPU busy {when}: other processes used {load:.2f} cores (limit {max_other_load})"
+    warnings.warn(
+        f"{where['runtime']} batch {where['batch']} threads {where['threads']}: {reason}; no figure. "
+        "Free the machine, or pass allow_busy=True to measure anyway.",
+        BusyCpuWarning,
+        stacklevel=4,
+    )
+    return LatencyStats(**where, other_cpu_load=load, skipped=reason)
+
+
+def _measure_one(
+    name: str,
+    target: _Target,
+    img_size: int,
+    batch: int,
+    threads: int,
+    warmup: int,
+    runs: int,
+    allow_busy: bool,
+    max_other_load: float,
+) -> LatencyStats:
+    runtime = RUNTIMES[name]
+    where = {"runtime": name, "batch": batch, "threads": threads, "device": _device_name(runtime.device)}
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    try:
+        runner = runtime.build(target, x, threads)
+    except RuntimeUnavailable as exc:
+        return LatencyStats(**where, skipped=str(exc))
+    if not allow_busy:
+        load = other_cpu_load()
+        if load is not None and load > max_other_load:
+            return _withheld(where, load, "before timing", max_other_load)
+
+    before = cpu_times()
+    if runtime.device == "cuda":
+        times = measure_cuda(runner, warmup=warmup, runs=runs)
+    else:
+        times = measure(runner, warmup=warmup, runs=runs)
+    after = cpu_times()
+    load = None if before is None or after is None else other_load(before, after)
+
+    if not allow_busy and load is None:
+        warnings.warn("cannot read the CPU load here (no /proc): measured unchecked", BusyCpuWarning, stacklevel=3)
+    elif not allow_busy and load > max_other_load:
+        return _withheld(where, load, "while timing", max_other_load)
+    return summarize(times, **where, other_cpu_load=load)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+_PEAK_PREFIX = "peak_rss_growth_mb="
+
+
+def _peak_rss_child() -> None:
+    """The measuring process: (threads, runner) pickled on stdin, RSS growth of one call on stdout."""
+    threads, fn = pickle.loads(sys.stdin.buffer.read())
+    torch.set_num_threads(threads)
+    gc.collect()
+    try:  # hand freed heap back to the OS, so the call cannot reuse it unseen (glibc only)
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = _status_kb("VmRSS")
+    fn()
+    print(f"{_PEAK_PREFIX}{(_status_kb('VmHWM') - before) * 1024 / 1e6!r}")
+
+
+def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu") -> float:
+    """Extra memory one call of ``fn`` needs at its peak, in MB (10⁶ bytes); weights not included.
+
+    CUDA: growth of ``torch.cuda.max_memory_allocated`` over what was allocated before the call
+    (tensors only, not the caching allocator's reserve or the CUDA context).
+    CPU: ``fn`` must be picklable (:class:`EagerRunner`, :class:`OnnxRunner`). It is loaded in a
+    fresh Python process, whose resident-set high-water mark is then reset, and called once: the
+    result is peak RSS minus RSS before the call, i.e. activations, workspaces, allocator arenas
+    and one-time kernel caches of a first inference. tracemalloc cannot be used: torch and ONNX
+    Runtime allocate outside Python. A fresh process, not this one: here freed memory from
+    earlier calls would be reused unseen.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 1e6
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("peak CPU memory needs Linux /proc (to reset and read the RSS high-water mark)")
+    try:
+        payload = pickle.dumps((torch.get_num_threads(), fn))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise TypeError(
+            "peak CPU memory runs fn in a fresh process, so fn must be picklable "
+            f"(EagerRunner, OnnxRunner; not a lambda or closure): {exc}"
+        ) from exc
+    # A new interpreter rather than multiprocessing: nothing of this process (heap, thread pools,
+    # the __main__ script) is inherited or re-run; it finds our packages through PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = f"from {__name__} import _peak_rss_child; _peak_rss_child()"
+    done = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, env=env, check=False)
+    lines = done.stdout.decode(errors="replace").splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith(_PEAK_PREFIX):
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"peak memory measurement failed (exit {done.returncode}): " + " | ".join(tail))
+    return float(lines[-1][len(_PEAK_PREFIX) :])
+
+
+# --- the machine and its limit ----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a latency figure depends on, to be stored beside it."""
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "timm": _version("timm"),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+    }
+
+
+def matmul_peak_gflops(threads: int, size: int = 1024, repeats: int = 10) -> float:
+    """This machine's fp32 matmul GFLOP/s (2·n³ per n x n product, best of ``repeats``) with ``threads``.
+
+    A practical ceiling for dense inference on this CPU; not checked for load, so measure it on an
+    idle machine like the latencies it is compared with. PyTorch's thread count is restored.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+        out = torch.empty(size, size)
+        best = min(measure(lambda: torch.mm(a, b, out=out), warmup=2, runs=repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / (best / 1e3) / 1e9
+
+
+def ideal_ms(macs: int, batch: int, peak_gflops: float) -> float:
+    """Milliseconds a batch would take at ``peak_gflops``: 2 FLOPs per MAC, ``macs`` per image."""
+    return 2 * macs * batch / (peak_gflops * 1e9) * 1e3
