@@ -105,4 +105,4 @@ def scan_images(paths: list[str], keep_size: int | None = None, crop_pct: float 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda p: _scan_one(p, keep_size, crop_pct), paths)
-        return list(tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=len(paths) < 200))
+        return list(tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=True if len(paths) < 200 else None))  # None: bars on a terminal only

@@ -79,12 +79,13 @@ class InspectionDataset(Dataset):
 
     def _pixels(self, index: int, view_seed: int) -> np.ndarray:
         sample = self.samples[index]
-        if self.synthetic is not None:
+        if self.synthetic is not None and self.synthetic.fresh and self.augment_cfg is not None and view_seed != 0:
             # Fresh synthetic training data: each view of an index is a newly rendered bead.
-            fresh = self.synthetic.fresh and self.augment_cfg is not None and view_seed != 0
-            return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed if fresh else 0, self.size)
+            return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, self.size)
         if self.pixels is not None:
             return self.pixels[index]
+        if self.synthetic is not None:
+            return synthetic_pixels(sample, self.synthetic, self.run_seed, 0, self.size)
         return square(open_rgb(sample.path), self.size, self.crop_pct)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:

@@ -56,12 +56,21 @@ class PreparedData:
         return class_weights(self.labels("train"))
 
     def _cached_pixels(self, size: int) -> list[np.ndarray] | None:
-        """All real images decoded once at ``size`` and kept for every later epoch and stage."""
-        if self.cfg.source == "synthetic" or self.cfg.cache == "none":
-            return None
-        if self.cfg.cache == "auto" and len(self.samples) * size * size * 3 > self.cfg.ram_limit_mb * 2**20:
-            return None
+        """Every image's plain view decoded (or rendered) once at ``size``, reused by every epoch and stage.
+
+        Synthetic beads are always cached (cheap: a few MB); fresh training views are rendered on
+        the fly on top. Real images are cached when ``data.cache`` allows it.
+        """
+        synthetic = self.cfg.source == "synthetic"
+        if not synthetic:
+            if self.cfg.cache == "none":
+                return None
+            if self.cfg.cache == "auto" and len(self.samples) * size * size * 3 > self.cfg.ram_limit_mb * 2**20:
+                return None
         if size not in self._pixels:
+            if synthetic:
+                self._pixels[size] = [synthetic_pixels(s, self.cfg.synthetic, self.seed, 0, size) for s in self.samples]
+                return self._pixels[size]
             results = scan_images([s.path for s in self.samples], keep_size=size, crop_pct=self.cfg.crop_pct,
                                   desc=f"decode to RAM at {size} px")
             bad = [(s.path, r.error) for s, r in zip(self.samples, results) if r.error]
@@ -146,9 +155,9 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     samples, skipped, info = _read_source(cfg)
     if cfg.source == "synthetic":
         samples = _synthetic_samples(cfg, seed)
-        hashes: list[int | None] = [
-            phash_bits(synthetic_pixels(s, cfg.synthetic, seed, 0, cfg.synthetic.image_size)) for s in samples
-        ] if cfg.dedup else [None] * len(samples)
+        rendered = PreparedData(cfg, samples, seed, {})
+        renders = rendered._cached_pixels(cfg.synthetic.image_size) if cfg.dedup else None
+        hashes: list[int | None] = [phash_bits(p) for p in renders] if renders else [None] * len(samples)
         split_note = "synthetic splits"
     else:
         samples, hashes = _check_images(cfg, samples, skipped)
@@ -185,7 +194,10 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))
     write_manifest(samples, manifest)
     atomic_write_text(report_path, json.dumps(report, indent=2))  # last: its presence marks the stage done
-    return PreparedData(cfg, samples, seed, report)
+    prepared = PreparedData(cfg, samples, seed, report)
+    if cfg.source == "synthetic" and cfg.dedup:
+        prepared._pixels = rendered._pixels  # the renders made for the hashes serve training too
+    return prepared
 
 
 def _count_reasons(skipped: list[SkippedFile]) -> dict[str, int]:

@@ -73,6 +73,11 @@ class DistillConfig:
             raise FieldError("mixup", f"must be >= 0 (0 turns it off), got {self.mixup}")
         if self.cache_views < 1:
             raise FieldError("cache_views", f"must be >= 1, got {self.cache_views}")
+        if self.loss == "feature" and self.teacher_outputs == "cached":
+            raise FieldError(
+                "loss",
+                "'feature' needs distill.teacher_outputs=live: only logits are cached, not the teacher's patch tokens",
+            )
         if self.mixup > 0 and self.teacher_outputs == "cached":
             raise FieldError(
                 "mixup",

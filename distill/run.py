@@ -15,9 +15,15 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from data.errors import EXIT_USER_ERROR, UserError
 from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
+from distill.stages import Context, baseline_stage, load_model, student_stage, teacher_stage
+from training.engine import pick_device
+from training.modeling import Classifier, is_finished
+from training.seed import seed_everything
 
 __all__ = ["main", "STAGES"]
 
@@ -48,22 +54,64 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+#: What each stage leaves in the run directory (what --force removes).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "data": ("data",), "teacher": ("teacher",), "student": ("student", "student_baseline"),
+    "prune": ("student_pruned",), "export": ("export",), "report": ("report.md", "report.json", "plots"),
+}
+
+
+def _force(run_dir: Path, force: list[str]) -> None:
+    """Remove the forced stages' outputs and those of every later stage (they were built on them)."""
+    if not force:
+        return
+    first = min(STAGES.index(s) for s in force)
+    for stage in STAGES[first:]:
+        for name in STAGE_OUTPUTS[stage]:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def _finished(ctx: Context, stage: str, needed_by: str) -> Classifier:
+    stage_dir = ctx.run_dir / stage
+    if not is_finished(stage_dir):
+        raise UserError(f"the {needed_by} stage needs a finished {stage} in '{stage_dir}'; "
+                        f"run it first (--stages {stage},{needed_by})")
+    return load_model(stage_dir)
+
+
 def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
     """Run the chosen stages of one pipeline; returns the run directory."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    for stage in force:
-        if (run_dir / stage).exists():
-            shutil.rmtree(run_dir / stage)
+    _force(run_dir, force)
     save_config(cfg, run_dir / "config.yaml")
-    _say(f"run directory: {run_dir}")
+    seed_everything(cfg.run.seed)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    _say(f"run directory: {run_dir}  (device: {device.type})")
 
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, run_dir / "data", cfg.run.seed)
     _say("[data] " + "\n[data] ".join(summary_lines(data.report)) + f"  ({time.perf_counter() - t0:.1f} s)")
+    ctx = Context(cfg, run_dir, data, device, _say)
+    wants = set(stages)
 
-    for stage in stages:
-        if stage != "data":
+    teacher = None
+    if "teacher" in wants:
+        teacher = teacher_stage(ctx)
+    if "student" in wants:
+        teacher = teacher or _finished(ctx, "teacher", "student")
+        student_stage(ctx, teacher)
+        if cfg.distill.baseline:
+            baseline_stage(ctx)
+    for stage in ("prune", "export", "report"):
+        if stage in wants:
             _say(f"[{stage}] not built yet: this stage is skipped (see the project's open issues)")
+    _say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
     return run_dir
 
 

@@ -107,7 +107,8 @@ def train_one_epoch(
     params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, dynamic_ncols=True,
+               disable=None)  # None: bars on a terminal only (Colab runs commands in one)
     for i, batch in enumerate(bar):
         batch = _to(batch, device, channels_last)
         with precision.autocast(device):
@@ -173,7 +174,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, precision: Preci
     """Logits of every image in ``loader`` (no augmentation, loader order)."""
     model.eval()
     logits, labels, index = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, dynamic_ncols=True, disable=None)
+    for batch in bar:
         images, y, idx, _ = _to(batch, device, channels_last)
         with precision.autocast(device):
             out = model(images)
