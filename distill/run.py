@@ -20,6 +20,7 @@ import torch
 from data.errors import EXIT_USER_ERROR, UserError
 from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
+from distill.compress import export_stage, prune_stage
 from distill.stages import Context, baseline_stage, load_model, student_stage, teacher_stage
 from training.engine import pick_device
 from training.modeling import Classifier, is_finished
@@ -100,17 +101,22 @@ def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
     ctx = Context(cfg, run_dir, data, device, _say)
     wants = set(stages)
 
-    teacher = None
+    teacher = student = None
     if "teacher" in wants:
         teacher = teacher_stage(ctx)
     if "student" in wants:
         teacher = teacher or _finished(ctx, "teacher", "student")
-        student_stage(ctx, teacher)
+        student = student_stage(ctx, teacher)
         if cfg.distill.baseline:
             baseline_stage(ctx)
-    for stage in ("prune", "export", "report"):
-        if stage in wants:
-            _say(f"[{stage}] not built yet: this stage is skipped (see the project's open issues)")
+    if "prune" in wants:
+        teacher = teacher or _finished(ctx, "teacher", "prune")
+        student = student or _finished(ctx, "student", "prune")
+        prune_stage(ctx, teacher, student)
+    if "export" in wants:
+        export_stage(ctx)
+    if "report" in wants:
+        _say("[report] not built yet: this stage is skipped (see the project's open issues)")
     _say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
     return run_dir
 

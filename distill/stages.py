@@ -65,7 +65,7 @@ def load_model(stage_dir: Path) -> Classifier:
 
 
 # ----------------------------------------------------------------------------- finishing
-def _predictions_csv(outputs: dict[str, EvalOutput], data: PreparedData) -> str:
+def predictions_csv(outputs: dict[str, EvalOutput], data: PreparedData) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "index", "path", "label", "prob_defect", "logit_normal", "logit_defect"])
@@ -85,7 +85,7 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
     model.to(ctx.device).eval()
     outputs = {sp: evaluate(model, ctx.data.loader(sp, model.img_size, 64), device=ctx.device, precision=precision,
                             desc=f"{stage_dir.name} predict {sp}") for sp in SPLITS}
-    atomic_write_text(stage_dir / PREDICTIONS, _predictions_csv(outputs, ctx.data))
+    atomic_write_text(stage_dir / PREDICTIONS, predictions_csv(outputs, ctx.data))
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     metrics = {sp: binary_metrics(out.probs, out.labels, choice.threshold) for sp, out in outputs.items()}
     meta = {
@@ -108,7 +108,7 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
     return meta
 
 
-def _skip_if_finished(ctx: Context, stage_dir: Path, stage: str, stage_cfg: dict[str, Any]) -> Classifier | None:
+def skip_if_finished(ctx: Context, stage_dir: Path, stage: str, stage_cfg: dict[str, Any]) -> Classifier | None:
     """The finished model of this stage, if there is one made with the same config."""
     if not is_finished(stage_dir):
         return None
@@ -132,7 +132,7 @@ def teacher_stage(ctx: Context) -> Classifier:
     cfg = ctx.cfg
     stage_dir = ctx.run_dir / "teacher"
     stage_cfg = {"teacher": to_dict(cfg.teacher), "data": to_dict(cfg.data), "seed": cfg.run.seed}
-    done = _skip_if_finished(ctx, stage_dir, "teacher", stage_cfg)
+    done = skip_if_finished(ctx, stage_dir, "teacher", stage_cfg)
     if done is not None:
         return done
     model = build_teacher(cfg.teacher)
@@ -154,17 +154,10 @@ def _count(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- student
-def _student_run(ctx: Context, stage: str, teacher: Classifier | None) -> Classifier:
-    """Train the student: distilled from ``teacher``, or from scratch when ``teacher`` is None."""
+def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | None, stage_dir: Path):
+    """Loaders, trainee maker, step and a description for training ``student`` (distilled from
+    ``teacher``, or from scratch when it is None). Shared by the student and prune stages."""
     cfg = ctx.cfg
-    stage_dir = ctx.run_dir / stage
-    stage_cfg = {"student": to_dict(cfg.student), "data": to_dict(cfg.data), "seed": cfg.run.seed,
-                 "distill": to_dict(cfg.distill) if teacher is not None else None}
-    done = _skip_if_finished(ctx, stage_dir, "student", stage_cfg)
-    if done is not None:
-        return done
-    torch.manual_seed(cfg.run.seed)  # the same initial student for the distilled run and the baseline
-    student = build_student(cfg.student)
     weights = ctx.data.class_weights() if cfg.data.class_weighted_loss else None
     # One crop for both models, at the larger of their sizes; each resizes it to its own.
     size = max(student.img_size, teacher.img_size) if teacher is not None else student.img_size
@@ -173,25 +166,45 @@ def _student_run(ctx: Context, stage: str, teacher: Classifier | None) -> Classi
                             views=cfg.distill.cache_views if cached else None)
     val = ctx.data.loader("val", student.img_size, 64)
     if teacher is None:
-        trainee, step, what = StudentTrainee(student), ce_step(cfg.student.label_smoothing, weights), "from scratch"
-    else:
-        teacher.to(ctx.device)
-        cache = _teacher_cache(ctx, teacher, train, stage_dir) if cached else None
-        projector = make_projector(student, teacher) if cfg.distill.loss == "feature" else None
-        trainee = StudentTrainee(student, projector)
-        step = distill_step(teacher, cfg.distill, label_smoothing=cfg.student.label_smoothing, class_weights=weights,
-                            cache=cache, generator=torch.Generator().manual_seed(cfg.run.seed))
-        what = f"distilled ({cfg.distill.loss}, T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, " \
-               f"teacher outputs {cfg.distill.teacher_outputs})"
+        return train, val, StudentTrainee, ce_step(cfg.student.label_smoothing, weights), "from scratch"
+    teacher.to(ctx.device)
+    cache = _teacher_cache(ctx, teacher, train) if cached else None
+
+    def trainee_of(model: Classifier) -> StudentTrainee:
+        # The projector is sized from the model's real features (a pruned student's are narrower).
+        return StudentTrainee(model, make_projector(model, teacher) if cfg.distill.loss == "feature" else None)
+
+    step = distill_step(teacher, cfg.distill, label_smoothing=cfg.student.label_smoothing, class_weights=weights,
+                        cache=cache, generator=torch.Generator().manual_seed(cfg.run.seed))
+    what = (f"distilled ({cfg.distill.loss}, T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
+            f"mixup={cfg.distill.mixup}, teacher outputs {cfg.distill.teacher_outputs})")
+    return train, val, trainee_of, step, what
+
+
+def _student_run(ctx: Context, stage: str, teacher: Classifier | None) -> Classifier:
+    """Train the student: distilled from ``teacher``, or from scratch when ``teacher`` is None."""
+    cfg = ctx.cfg
+    stage_dir = ctx.run_dir / stage
+    stage_cfg = {"student": to_dict(cfg.student), "data": to_dict(cfg.data), "seed": cfg.run.seed,
+                 "distill": to_dict(cfg.distill) if teacher is not None else None}
+    done = skip_if_finished(ctx, stage_dir, "student", stage_cfg)
+    if done is not None:
+        return done
+    torch.manual_seed(cfg.run.seed)  # the same initial student for the distilled run and the baseline
+    student = build_student(cfg.student)
+    train, val, trainee_of, step, what = student_run_parts(ctx, student, teacher, stage_dir)
     ctx.log(f"[{stage}] {cfg.student.arch} at {student.img_size} px, {_count(student):,} params, {what}")
-    result = fit(trainee, step, train, val, cfg.student, stage_dir, device=ctx.device, eval_model=student,
-                 channels_last=True, name=stage, config=stage_cfg, log=ctx.log)
+    result = fit(trainee_of(student), step, train, val, cfg.student, stage_dir, device=ctx.device,
+                 eval_model=student, channels_last=True, name=stage, config=stage_cfg, log=ctx.log)
     finish(ctx, student, stage_dir, stage_cfg, result,
            {"distilled_from": "teacher" if teacher is not None else None})
     return student.eval()
 
 
-def _teacher_cache(ctx: Context, teacher: Classifier, train_loader, stage_dir: Path) -> TeacherCache:
+def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCache:
+    """The teacher's outputs on the fixed training views, computed once per run and reused by
+    the student and prune stages (kept in ``student/teacher_cache.safetensors``)."""
+    stage_dir = ctx.run_dir / "student"
     path = stage_dir / "teacher_cache.safetensors"
     key = {"teacher": load_meta(ctx.run_dir / "teacher").get("config_hash"), "views": ctx.cfg.distill.cache_views,
            "seed": ctx.cfg.run.seed, "size": train_loader.dataset.size}
@@ -199,7 +212,7 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader, stage_dir: P
         cache, meta = TeacherCache.load(path)
         if meta == key:
             return cache
-    ctx.log(f"[student] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
+    ctx.log(f"[distill] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
             f"{len(train_loader.dataset)} training images")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
                                 batch_size=64, precision=precision_for(ctx.device, True))

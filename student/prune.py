@@ -1,0 +1,318 @@
+"""Structured pruning of a timm student to a cost target, and a pickle-free way to reload it.
+
+Torch-Pruning's four steps (importance -> pruner -> ``step()`` -> fine-tune), driven by cost:
+``PruneConfig.target = {"macs": 0.5}`` keeps half the student's multiply-accumulates (or
+``{"params": 0.5}`` half its parameters). A *channel ratio* p is torch-pruning's
+``pruning_ratio``: the fraction of output channels removed from every prunable layer (with
+global pruning, of all channels together). Both sides of most convolutions shrink, so MACs fall
+roughly to (1 - p)^2; p = 0.3 already keeps only ~47% of the MACs of these students. The ratio
+that meets a target is found by trying it on deep copies of the network.
+
+Iterative pruning: round k of ``steps`` aims at ``1 - k/steps * (1 - target)`` of the unpruned
+cost, and its channel ratio (relative to the channels left at that round) is solved for on the
+current weights. Torch-Pruning's own ``iterative_steps`` fixes every round's ratio up front, which
+cannot promise the final cost once fine-tuning between rounds changes the importance ranking
+(global pruning, Taylor); solving each round on the current weights can.
+
+Saving: a pruned net's ``state_dict`` no longer fits its timm class. :meth:`StudentPruner.structure`
+gives the pruning as JSON-able data (torch-pruning's pruning history: root layer name,
+out/in-channel flag and the removed channel indices, round after round) plus the changed tensor
+shapes; :func:`rebuild_pruned` replays it on a fresh timm model so the safetensors weights load.
+Nothing is pickled (``torch.save(model)`` and ``tp.state_dict`` need ``weights_only=False``).
+
+After pruning, create any optimizer, EMA or scheduler anew: one made before holds the old
+parameters. ``num_features`` / ``head_hidden_size`` are re-measured here, so timm's
+``reset_classifier`` works again; size projectors with :func:`feature_dim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from data.errors import UserError
+from student.config import PruneConfig
+
+__all__ = ["IMPORTANCES", "StudentPruner", "cost", "feature_dim", "prune_channels", "rebuild_pruned"]
+
+#: Channel importance criteria, by ``prune.importance`` name. Taylor needs gradients in ``.grad``.
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "lamp": lambda: tp.importance.LAMPImportance(p=2),
+    "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+}
+
+_FORMAT = "torch-pruning-history/1"
+# Channel ratios tried, low to high, before bisecting: cost is not monotone in the ratio near 1
+# (layers that round_to would empty are left whole), so the first ratio that meets the target
+# is searched from below.
+_GRID = tuple(i / 10 for i in range(1, 10))
+_TOLERANCE = 0.005
+
+
+def _se_classes() -> tuple[type[nn.Module], ...]:
+    from timm.layers import SqueezeExcite
+    from timm.layers.squeeze_excite import SEModule
+    from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSE
+
+    return EfficientNetSE, SqueezeExcite, SEModule
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    """Eval mode for a while; each module's own train/eval flag (a frozen BatchNorm, say) is restored."""
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def _traced(net: nn.Module) -> Iterator[None]:
+    """Eval mode (tracing must not update BatchNorm statistics) with autograd on (torch-pruning
+    traces the graph through ``grad_fn``)."""
+    with _eval_mode(net), torch.enable_grad():
+        yield
+
+
+def _on_device(net: nn.Module, example: Tensor) -> Tensor:
+    param = next(net.parameters(), None)
+    return example if param is None else example.to(param.device)
+
+
+def cost(net: nn.Module, example: Tensor) -> tuple[int, int]:
+    """(macs, params) from torch-pruning's counter; its "ops" are multiply-accumulates.
+
+    Convolutions and linear layers at ``example``'s size; the net's train/eval mode is left as is.
+    """
+    macs, params = tp.utils.count_ops_and_params(net, _on_device(net, example))
+    return int(macs), int(params)
+
+
+@torch.no_grad()
+def feature_dim(net: nn.Module, example: Tensor, *, pre_logits: bool = False) -> int:
+    """Channels of a real ``forward_features`` call (or, with ``pre_logits``, the width the
+    classifier takes, from ``forward_head(pre_logits=True)``): ``num_features`` is stale after
+    pruning. CNN maps (B, C, H, W) give C, token sequences (B, N, C) and vectors give the last dim."""
+    with _eval_mode(net):
+        out = net.forward_features(_on_device(net, example))
+        if pre_logits:
+            out = net.forward_head(out, pre_logits=True)
+    return int(out.shape[1] if out.dim() == 4 else out.shape[-1])
+
+
+def _sync_widths(net: nn.Module, example: Tensor) -> None:
+    """Make timm's width attributes true again, so ``reset_classifier`` builds a fitting head."""
+    if hasattr(net, "num_features"):
+        net.num_features = feature_dim(net, example)
+    if hasattr(net, "head_hidden_size"):
+        net.head_hidden_size = feature_dim(net, example, pre_logits=True)
+
+
+def _importance(name: str) -> tp.importance.Importance:
+    if name not in IMPORTANCES:
+        raise UserError(f"prune.importance: unknown '{name}'; choose one of {', '.join(IMPORTANCES)}")
+    return IMPORTANCES[name]()
+
+
+def prune_channels(net: nn.Module, example: Tensor, ratio: float, *, importance: str = "magnitude",
+                   global_pruning: bool = False, round_to: int | None = 8,
+                   prune_se: bool = True) -> list[list[Any]]:
+    """Remove channel ratio ``ratio`` from ``net`` in place (one torch-pruning round); return the
+    round's pruning history as JSON-able ``[layer_name, out_channels, [removed indices]]`` rows.
+
+    The classifier is never pruned. With ``prune_se=False`` every squeeze-excitation module is
+    ignored: its convolutions keep their shapes, and so do the block channels its gate multiplies
+    (which is why keeping SE costs about half the MAC savings). ``importance="taylor"`` reads
+    ``.grad``, so call ``loss(net).backward()`` first.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"channel ratio must be in [0, 1), got {ratio}")
+    scorer = _importance(importance)
+    if importance == "taylor" and all(p.grad is None for p in net.parameters()):
+        raise ValueError("taylor importance needs gradients: call loss_fn(net).backward() before pruning")
+    ignored: list[nn.Module] = [net.get_classifier()]
+    if not prune_se:
+        ignored += [m for m in net.modules() if isinstance(m, _se_classes())]
+    with _traced(net):
+        pruner = tp.pruner.BasePruner(net, _on_device(net, example), scorer, pruning_ratio=ratio,
+                                      global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored)
+        pruner.step()
+    return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.pruning_history()]
+
+
+def _replay(net: nn.Module, example: Tensor, history: list[list[Any]]) -> None:
+    """Prune ``net`` exactly as ``history`` says (the same channels, in the same order)."""
+    with _traced(net):
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=_on_device(net, example))
+        graph.load_pruning_history(history)
+
+
+def _clone(net: nn.Module) -> nn.Module:
+    """A deep copy with the gradients too (``Parameter.__deepcopy__`` drops ``.grad``), for Taylor."""
+    twin = copy.deepcopy(net)
+    for mine, theirs in zip(twin.parameters(), net.parameters(), strict=True):
+        if theirs.grad is not None:
+            mine.grad = theirs.grad.detach().clone()
+    return twin
+
+
+def _arch(net: nn.Module) -> str | None:
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def _shapes(net: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in net.state_dict().items()}
+
+
+class StudentPruner:
+    """Prune ``net`` in place to ``cfg.target`` of its cost over ``cfg.steps`` calls of :meth:`step`.
+
+    ``loss_fn(net)`` returns a scalar loss on a batch; it is needed (and only used) for Taylor
+    importance, which reads the gradients of ``loss_fn(net).backward()`` taken before each round.
+    The caller fine-tunes between rounds, with an optimizer created after each round.
+    """
+
+    def __init__(self, net: nn.Module, example: Tensor, cfg: PruneConfig,
+                 loss_fn: Callable[[nn.Module], Tensor] | None = None) -> None:
+        _importance(cfg.importance)  # fail on a bad name before any work
+        if cfg.importance == "taylor" and loss_fn is None:
+            raise ValueError("prune.importance=taylor needs a loss_fn(net) -> loss for the gradients")
+        self.net, self.example, self.cfg, self.loss_fn = net, example, cfg, loss_fn
+        self.metric, self.kept = next(iter(cfg.target.items()))
+        self.macs0, self.params0 = cost(net, example)
+        self._shapes0 = _shapes(net)
+        self._history: list[list[Any]] = []
+        self.rounds: list[dict[str, Any]] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.rounds) >= self.cfg.steps
+
+    def _options(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"importance": c.importance, "global_pruning": c.global_pruning, "round_to": c.round_to,
+                "prune_se": c.prune_se}
+
+    def _trial(self, ratio: float) -> tuple[tuple[int, int], list[list[Any]]]:
+        twin = _clone(self.net)
+        history = prune_channels(twin, self.example, ratio, **self._options())
+        return cost(twin, self.example), history
+
+    def _solve(self, goal: float) -> tuple[float, list[list[Any]]]:
+        """A channel ratio whose round leaves cost <= goal: the first of 0.1, 0.2, ... 0.9 that
+        does, bisected against the one below it down to 0.005 (so the target is met, not overshot)."""
+        index = 0 if self.metric == "macs" else 1
+        lo, found, best = 0.0, None, None
+        for ratio in _GRID:
+            (counts, history) = self._trial(ratio)
+            best = counts[index] if best is None else min(best, counts[index])
+            if counts[index] <= goal:
+                found = (ratio, history)
+                break
+            lo = ratio
+        if found is None:
+            base = self.macs0 if index == 0 else self.params0
+            c = self.cfg
+            raise UserError(
+                f"prune.target {{{self.metric}: {self.kept}}} is out of reach in round {len(self.rounds) + 1}: "
+                f"channel ratios up to {_GRID[-1]} keep at least {best / base:.3f} of the {self.metric} "
+                f"(round_to={c.round_to}, prune_se={c.prune_se}, global_pruning={c.global_pruning}); "
+                f"raise the target, or allow more pruning (prune_se: true, a smaller round_to)")
+        hi, history = found
+        while hi - lo > _TOLERANCE:
+            mid = (lo + hi) / 2
+            counts, mid_history = self._trial(mid)
+            if counts[index] <= goal:
+                hi, history = mid, mid_history
+            else:
+                lo = mid
+        return hi, history
+
+    def step(self) -> dict[str, Any]:
+        """One pruning round; returns its channel ratio and the cost before and after it."""
+        if self.done:
+            raise RuntimeError(f"all {self.cfg.steps} pruning rounds are done")
+        k = len(self.rounds) + 1
+        base = self.macs0 if self.metric == "macs" else self.params0
+        goal = base * (1.0 - k / self.cfg.steps * (1.0 - self.kept))
+        macs_before, params_before = cost(self.net, self.example)
+        if self.loss_fn is not None and self.cfg.importance == "taylor":
+            self.net.zero_grad(set_to_none=True)
+            self.loss_fn(self.net).backward()
+        ratio, history = self._solve(goal)
+        _replay(self.net, self.example, history)  # exactly the trial that met the goal
+        self.net.zero_grad(set_to_none=True)
+        _sync_widths(self.net, self.example)
+        self._history += history
+        macs, params = cost(self.net, self.example)
+        record = {"round": k, "steps": self.cfg.steps, "ratio": round(ratio, 6),
+                  "macs_before": macs_before, "macs_after": macs,
+                  "params_before": params_before, "params_after": params,
+                  "macs_kept": macs / self.macs0, "params_kept": params / self.params0}
+        self.rounds.append(record)
+        return record
+
+    def restore(self, structure: dict[str, Any]) -> None:
+        """Continue a pruning that was interrupted: replay a saved :meth:`structure` of this
+        pruner's own earlier rounds onto the (still unpruned) net."""
+        if self.rounds:
+            raise RuntimeError("restore() must be called on a fresh pruner")
+        rebuild_pruned(self.net, self.example, structure)
+        self._history = [list(row) for row in structure["history"]]
+        self.rounds = [dict(r) for r in structure["rounds"]]
+
+    def structure(self) -> dict[str, Any]:
+        """The pruning so far as JSON-able data, for ``meta.json`` and :func:`rebuild_pruned`."""
+        now = _shapes(self.net)
+        return {
+            "format": _FORMAT,
+            "torch_pruning": version("torch-pruning"),
+            "arch": _arch(self.net),
+            "input_size": list(self.example.shape),
+            "target": dict(self.cfg.target),
+            **self._options(),
+            "macs": [self.macs0, self.rounds[-1]["macs_after"] if self.rounds else self.macs0],
+            "params": [self.params0, self.rounds[-1]["params_after"] if self.rounds else self.params0],
+            "rounds": [dict(r) for r in self.rounds],
+            "shapes": {k: v for k, v in now.items() if v != self._shapes0.get(k)},
+            "history": [list(row) for row in self._history],
+        }
+
+
+def rebuild_pruned(net_fresh: nn.Module, example: Tensor, structure: dict[str, Any]) -> nn.Module:
+    """Apply a saved :meth:`StudentPruner.structure` to a freshly created timm model of the same
+    arch, in place, so that the pruned model's ``state_dict`` then loads strictly."""
+    if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
+        found = structure.get("format") if isinstance(structure, dict) else type(structure).__name__
+        raise UserError(f"pruning structure: expected format '{_FORMAT}', found {found!r}; "
+                        "rerun the prune stage with --force")
+    arch, saved_arch = _arch(net_fresh), structure.get("arch")
+    if arch and saved_arch and arch != saved_arch:
+        raise UserError(f"pruning structure is for '{saved_arch}' but the model is '{arch}'")
+    before = _shapes(net_fresh)
+    try:
+        _replay(net_fresh, example, structure["history"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"pruning structure does not fit this '{arch}' model ({type(exc).__name__}: {exc}); "
+                        "was it saved for another architecture or model_kwargs?") from None
+    changed = {k: v for k, v in _shapes(net_fresh).items() if v != before.get(k)}
+    saved = structure.get("shapes", {})
+    if changed != saved:
+        name = min(k for k in changed.keys() | saved.keys() if changed.get(k) != saved.get(k))
+        raise UserError(f"pruning structure replays to other shapes than were saved (first: '{name}' "
+                        f"{changed.get(name)} vs saved {saved.get(name)}); rerun the prune stage with --force")
+    _sync_widths(net_fresh, example)
+    return net_fresh

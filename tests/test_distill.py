@@ -1,0 +1,102 @@
+"""Distillation stage parts: the teacher-output cache pairs each output with its own view only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import AugmentConfig
+from data.loader import InspectionDataset, make_loader
+from data.manifest import Sample
+from data.transforms import ModelView
+from distill.config import DistillConfig
+from distill.steps import StudentTrainee, distill_step, make_projector
+from distill.teacher_cache import TeacherCache, build_teacher_cache
+from training.modeling import Classifier, create_network
+
+CPU = torch.device("cpu")
+
+
+def _teacher() -> Classifier:
+    torch.manual_seed(0)
+    kwargs = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    net = create_network("vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs)
+    return Classifier(net, ModelView(32, (0.5,) * 3, (0.5,) * 3), "vit_tiny_patch16_224", kwargs).eval()
+
+
+def _student() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(create_network("mobilenetv3_small_100"), ModelView(24, (0.4,) * 3, (0.2,) * 3),
+                      "mobilenetv3_small_100")
+
+
+def _train_loader(views: int | None):
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(10)]
+    ds = InspectionDataset([Sample(f"m{i}", i % 2, str(i), "train") for i in range(10)], 32,
+                           augment_cfg=AugmentConfig(), pixels=pixels)
+    return make_loader(ds, 4, train=True, seed=7, views=views, num_workers=0)
+
+
+def test_cached_outputs_equal_live_teacher_on_the_same_views() -> None:
+    teacher = _teacher()
+    loader = _train_loader(views=3)
+    cache = build_teacher_cache(teacher, loader.dataset, loader.sampler, device=CPU, batch_size=4)
+    assert cache.logits.shape == (10, 3, 2)
+    checked = 0
+    for epoch in range(4):
+        loader.sampler.set_epoch(epoch)
+        for images, _, index, views in loader:
+            with torch.no_grad():
+                live = teacher(images)
+            torch.testing.assert_close(cache.lookup(index, views), live, rtol=1e-5, atol=1e-6)
+            checked += len(index)
+    assert checked == 4 * 8  # drop_last: 2 full batches of 4 per epoch
+
+
+def test_cache_refuses_a_view_it_never_saw() -> None:
+    loader = _train_loader(views=2)
+    cache = build_teacher_cache(_teacher(), loader.dataset, loader.sampler, device=CPU, batch_size=4)
+    images, _, index, views = next(iter(loader))
+    with pytest.raises(RuntimeError, match="never cached"):
+        cache.lookup(index, views + 1)
+    live_loader = _train_loader(views=None)  # fresh views every epoch: not in the cache
+    _, _, index, views = next(iter(live_loader))
+    with pytest.raises(RuntimeError, match="may only pair with the view"):
+        cache.lookup(index, views)
+
+
+def test_cache_save_load(tmp_path) -> None:
+    cache = TeacherCache(torch.arange(6).view(3, 2), torch.randn(3, 2, 2))
+    cache.save(tmp_path / "c.safetensors", {"views": 2})
+    again, meta = TeacherCache.load(tmp_path / "c.safetensors")
+    assert meta == {"views": 2} and torch.equal(again.logits, cache.logits)
+    assert torch.equal(again.lookup(torch.tensor([2, 0]), torch.tensor([5, 0])), cache.logits[[2, 0], [1, 0]])
+
+
+@pytest.mark.parametrize("loss", ["kd", "hard", "feature"])
+def test_distill_step_trains_only_the_student(loss: str) -> None:
+    teacher, student = _teacher(), _student()
+    cfg = DistillConfig(loss=loss, mixup=0.4 if loss == "kd" else 0.0)
+    trainee = StudentTrainee(student, make_projector(student, teacher) if loss == "feature" else None)
+    step = distill_step(teacher, cfg, generator=torch.Generator().manual_seed(0))
+    batch = next(iter(_train_loader(views=None)))
+    out = step(trainee, batch)
+    assert set(out) >= {"loss", "ce"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    if loss == "feature":
+        assert "feature" in out and trainee.projector.proj.weight.grad is not None
+
+
+def test_cached_step_uses_the_cache_not_the_teacher() -> None:
+    teacher = _teacher()
+    loader = _train_loader(views=2)
+    cache = build_teacher_cache(teacher, loader.dataset, loader.sampler, device=CPU, batch_size=4)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    step = distill_step(teacher, DistillConfig(teacher_outputs="cached"), cache=cache)
+    out = step(StudentTrainee(_student()), next(iter(loader)))
+    assert torch.isfinite(out["loss"]) and not calls
