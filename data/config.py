@@ -48,10 +48,16 @@ class SyntheticConfig:
     defect_types: tuple[str, ...] = DEFECT_TYPES
     #: Render new training images every epoch (same labels, new beads): data need not repeat.
     fresh: bool = True
+    #: With ``fresh``: how many different beads each training image cycles through (each rendered
+    #: once and kept in RAM, since rendering costs as much as a training step); None: a new bead
+    #: every epoch.
+    variants: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise FieldError("image_size", f"must be >= 16 pixels, got {self.image_size}")
+        if self.variants is not None and self.variants < 1:
+            raise FieldError("variants", f"must be >= 1 or null, got {self.variants}")
         for name in ("num_train", "num_val", "num_test"):
             if getattr(self, name) < 2:
                 raise FieldError(name, f"must be >= 2 images, got {getattr(self, name)}")
@@ -86,9 +92,11 @@ class DataConfig:
     #: A regex on the file name whose first group (or whole match) names a group of near-identical
     #: frames (a capture session, a burst) that must stay within one split.
     group_by: str | None = None
-    #: Cross-split near-duplicate check by perceptual hash; pairs within this Hamming distance.
+    #: Cross-split near-duplicate check: pairs whose perceptual hashes are within this Hamming distance ...
     dedup: bool = True
     dedup_distance: int = 4
+    #: ... confirmed when their 16x16 colour thumbnails differ by at most this (mean |diff| / 255).
+    dedup_max_pixel_diff: float = 0.05
     #: 'weighted' draws training batches with equal expected counts of each class.
     sampler: Literal["random", "weighted"] = "random"
     #: Weight the cross-entropy by inverse class frequency.
@@ -110,6 +118,8 @@ class DataConfig:
             raise FieldError("split", f"must be three fractions train, val, test that sum to 1, got {list(self.split)}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise FieldError("crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        if not 0.0 <= self.dedup_max_pixel_diff <= 1.0:
+            raise FieldError("dedup_max_pixel_diff", f"must be in [0, 1], got {self.dedup_max_pixel_diff}")
         if self.dedup_distance < 0:
             raise FieldError("dedup_distance", f"must be >= 0, got {self.dedup_distance}")
         if self.num_workers is not None and self.num_workers < 0:

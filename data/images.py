@@ -13,7 +13,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-__all__ = ["BadImage", "open_rgb", "square", "ScanResult", "scan_images", "phash_bits"]
+__all__ = ["BadImage", "open_rgb", "square", "ScanResult", "scan_images", "phash_bits", "thumbnail", "THUMB"]
+
+#: Side of the colour thumbnails that confirm a pHash match (a near-duplicate matches in colour too).
+THUMB = 16
 
 # A decompression bomb is a corrupt input here, not a reason to allocate gigabytes.
 Image.MAX_IMAGE_PIXELS = 1 << 28
@@ -81,13 +84,22 @@ def phash_bits(img: Image.Image | np.ndarray) -> int:
     return int.from_bytes(np.packbits(imagehash.phash(img).hash.flatten()).tobytes(), "big")
 
 
+def thumbnail(img: Image.Image | np.ndarray) -> np.ndarray:
+    """A THUMB x THUMB colour thumbnail (uint8), to confirm near-duplicates found by pHash."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    return np.asarray(img.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.uint8)
+
+
 @dataclass
 class ScanResult:
-    """Per file: the error (None when fine), its perceptual hash, and optionally the decoded pixels."""
+    """Per file: the error (None when fine), its perceptual hash and colour thumbnail, and
+    optionally the decoded pixels."""
 
     error: str | None
     phash: int | None = None
     pixels: np.ndarray | None = None
+    thumb: np.ndarray | None = None
 
 
 def _scan_one(path: str, keep_size: int | None, crop_pct: float) -> ScanResult:
@@ -96,7 +108,7 @@ def _scan_one(path: str, keep_size: int | None, crop_pct: float) -> ScanResult:
     except BadImage as exc:
         return ScanResult(str(exc))
     pixels = square(img, keep_size, crop_pct) if keep_size else None
-    return ScanResult(None, phash_bits(img), pixels)
+    return ScanResult(None, phash_bits(img), pixels, thumbnail(img))
 
 
 def scan_images(paths: list[str], keep_size: int | None = None, crop_pct: float = 1.0,

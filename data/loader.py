@@ -73,6 +73,7 @@ class InspectionDataset(Dataset):
         self.run_seed = run_seed
         self.pixels = pixels
         self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        self._variants: dict[tuple[int, int], np.ndarray] = {}  # rendered beads, with synthetic.variants
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,8 +81,15 @@ class InspectionDataset(Dataset):
     def _pixels(self, index: int, view_seed: int) -> np.ndarray:
         sample = self.samples[index]
         if self.synthetic is not None and self.synthetic.fresh and self.augment_cfg is not None and view_seed != 0:
-            # Fresh synthetic training data: each view of an index is a newly rendered bead.
-            return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, self.size)
+            # Fresh synthetic training data: each view of an index is a newly rendered bead, or
+            # one of `variants` beads rendered once and kept.
+            count = self.synthetic.variants
+            if count is None:
+                return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, self.size)
+            key = (index, view_seed % count + 1)
+            if key not in self._variants:
+                self._variants[key] = synthetic_pixels(sample, self.synthetic, self.run_seed, key[1], self.size)
+            return self._variants[key]
         if self.pixels is not None:
             return self.pixels[index]
         if self.synthetic is not None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["Sample", "SkippedFile", "SPLITS", "write_manifest", "read_manifest", "write_skipped", "atomic_write_text"]
+from data.files import atomic_write_text
+
+__all__ = ["Sample", "SkippedFile", "SPLITS", "write_manifest", "read_manifest", "write_skipped"]
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 
@@ -38,14 +39,6 @@ class SkippedFile:
 
     path: str
     reason: str
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name beside ``path`` and rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _csv_text(header: list[str], rows: list[list[object]]) -> str:

@@ -20,10 +20,11 @@ from data.config import DataConfig
 from data.dedup import cross_split_duplicates
 from data.errors import UserError
 from data.folder import read_folder
-from data.images import phash_bits, scan_images
+from data.images import phash_bits, scan_images, thumbnail
 from data.loader import InspectionDataset, class_weights, make_loader, synthetic_pixels
-from data.manifest import SPLITS, Sample, SkippedFile, atomic_write_text, read_manifest, write_manifest, write_skipped
-from data.schema import to_dict
+from data.files import atomic_write_text
+from data.manifest import SPLITS, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
+from data.schema import changed_keys, to_dict
 from data.split import check_splits, complete_splits, straddling_groups, with_groups
 from data.yolo import read_yolo
 
@@ -45,6 +46,7 @@ class PreparedData:
     seed: int
     report: dict
     _pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    _variants: dict[int, dict] = field(default_factory=dict, repr=False)  # synthetic.variants renders, by size
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -83,7 +85,7 @@ class PreparedData:
     def dataset(self, split: str, size: int, *, train: bool = False) -> InspectionDataset:
         index = [i for i, s in enumerate(self.samples) if s.split == split]
         cached = self._cached_pixels(size)
-        return InspectionDataset(
+        dataset = InspectionDataset(
             [self.samples[i] for i in index], size,
             augment_cfg=self.cfg.augment if train else None,
             crop_pct=self.cfg.crop_pct,
@@ -91,6 +93,9 @@ class PreparedData:
             run_seed=self.seed,
             pixels=[cached[i] for i in index] if cached is not None else None,
         )
+        if train:  # the beads rendered for one stage serve the next (teacher, then student)
+            dataset._variants = self._variants.setdefault(size, {})
+        return dataset
 
     def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
                num_replicas: int = 1, rank: int = 0) -> DataLoader:
@@ -126,7 +131,7 @@ def _read_source(cfg: DataConfig) -> tuple[list[Sample], list[SkippedFile], dict
     return [], [], {"synthetic": to_dict(cfg.synthetic)}
 
 
-def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedFile]) -> tuple[list[Sample], list[int | None]]:
+def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedFile]) -> tuple[list[Sample], list, list]:
     """Decode every image once: list all broken files together, then stop or skip them."""
     results = scan_images([s.path for s in samples])
     broken = [(s, r.error) for s, r in zip(samples, results) if r.error]
@@ -138,8 +143,8 @@ def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedF
             "\nRemove or replace them, or set data.on_corrupt=skip to skip them (they are listed in data/skipped.csv)."
         )
     skipped.extend(SkippedFile(s.path, f"unreadable: {err}") for s, err in broken)
-    kept = [(s, r.phash) for s, r in zip(samples, results) if not r.error]
-    return [s for s, _ in kept], [h for _, h in kept]
+    kept = [(s, r) for s, r in zip(samples, results) if not r.error]
+    return [s for s, _ in kept], [r.phash for _, r in kept], [r.thumb for _, r in kept]
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -147,10 +152,16 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     """Run (or reuse) the data stage and return the split dataset."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, report_path = out_dir / "manifest.csv", out_dir / "report.json"
+    made_with = {"data": json.loads(json.dumps(to_dict(cfg))), "seed": seed}
     if manifest.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        samples = read_manifest(manifest)
-        return PreparedData(cfg, samples, seed, report)
+        if report.get("made_with") != made_with:
+            keys = changed_keys(report.get("made_with") or {}, made_with)
+            raise UserError(
+                f"the data stage in '{out_dir}' was made with a different config (changed: {', '.join(keys)}); "
+                "a run must not mix splits. Rerun with --force data (this redoes every stage), or choose a new run.name"
+            )
+        return PreparedData(cfg, read_manifest(manifest), seed, report)
 
     samples, skipped, info = _read_source(cfg)
     if cfg.source == "synthetic":
@@ -158,15 +169,16 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
         rendered = PreparedData(cfg, samples, seed, {})
         renders = rendered._cached_pixels(cfg.synthetic.image_size) if cfg.dedup else None
         hashes: list[int | None] = [phash_bits(p) for p in renders] if renders else [None] * len(samples)
+        thumbs: list[np.ndarray | None] = [thumbnail(p) for p in renders] if renders else [None] * len(samples)
         split_note = "synthetic splits"
     else:
-        samples, hashes = _check_images(cfg, samples, skipped)
+        samples, hashes, thumbs = _check_images(cfg, samples, skipped)
         samples, unmatched = with_groups(samples, cfg.group_by)
         info["group_by"] = {"regex": cfg.group_by, "names_not_matched": unmatched} if cfg.group_by else None
         had_splits = any(s.split for s in samples)
-        by_path = dict(zip((s.path for s in samples), hashes))
+        by_path = {s.path: (h, t) for s, h, t in zip(samples, hashes, thumbs)}
         samples, split_note = complete_splits(samples, cfg.split, seed)
-        hashes = [by_path[s.path] for s in samples]
+        hashes, thumbs = [by_path[s.path][0] for s in samples], [by_path[s.path][1] for s in samples]
         if had_splits and cfg.group_by:
             shared = straddling_groups(samples)
             info["groups_across_splits"] = {"count": len(shared), "examples": dict(list(shared.items())[:_MAX_LISTED])}
@@ -174,7 +186,8 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
                 warnings.warn(f"{len(shared)} group(s) of data.group_by have images in more than one of the "
                               f"source's splits, e.g. {next(iter(shared))}", LeakageWarning, stacklevel=2)
     counts = check_splits(samples)
-    duplicates = cross_split_duplicates(samples, hashes, cfg.dedup_distance) if cfg.dedup else {"pairs": None}
+    duplicates = (cross_split_duplicates(samples, hashes, thumbs, cfg.dedup_distance, cfg.dedup_max_pixel_diff)
+                  if cfg.dedup else {"pairs": None})
     if duplicates.get("pairs"):
         warnings.warn(
             f"{duplicates['pairs']} near-duplicate image pair(s) across splits "
@@ -189,6 +202,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
         "skipped": len(skipped),
         "skipped_by_reason": _count_reasons(skipped),
         "duplicates": {k: v for k, v in duplicates.items() if k != "examples"},
+        "made_with": made_with,
     }
     write_skipped(skipped, out_dir / "skipped.csv")
     atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))

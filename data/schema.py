@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 from data.errors import UserError
 
-__all__ = ["FieldError", "build", "dotted_keys", "type_at", "to_dict", "describe_type"]
+__all__ = ["FieldError", "build", "dotted_keys", "type_at", "to_dict", "describe_type", "changed_keys"]
 
 
 class FieldError(ValueError):
@@ -272,3 +272,15 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    keys: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys.extend(changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

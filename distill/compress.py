@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data.manifest import atomic_write_text
+from data.files import atomic_write, atomic_write_text
 from data.schema import to_dict
 from distill.stages import (PREDICTIONS, Context, predictions_csv, skip_if_finished, student_run_parts, finish,
                             load_model)
@@ -76,7 +76,7 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
             pruner.step()
             round_dir.mkdir(parents=True, exist_ok=True)
             state = {n: t.contiguous() for n, t in model.net.state_dict().items()}
-            save_file(state, str(round_dir / "start.safetensors"))
+            atomic_write(round_dir / "start.safetensors", lambda p: save_file(state, str(p)))
             atomic_write_text(round_dir / "structure.json", json.dumps(pruner.structure()))
         record = pruner.rounds[k - 1]
         epochs = cfg.prune.epochs if k == cfg.prune.steps else cfg.prune.finetune_epochs
@@ -189,3 +189,28 @@ def export_stage(ctx: Context) -> dict[str, Any]:
                 f"{100 * check['agreement']:.1f}% of test images")
     atomic_write_text(verify_path, json.dumps(results, indent=2, default=float))
     return results
+
+
+def report_stage(ctx: Context) -> dict[str, Any]:
+    """Profile every finished model (cost and latency per runtime) and write the report.
+
+    Measuring is skipped when ``profile.json`` exists (a rerun only re-renders); ``--force report``
+    measures again.
+    """
+    from profiling.report import ModelEntry, build_report, measure
+
+    names = [n for n in ("teacher", "student_baseline", "student", "student_pruned") if is_finished(ctx.run_dir / n)]
+    if not (ctx.run_dir / "profile.json").is_file():
+        export_dir = ctx.run_dir / "export"
+
+        def entry(name: str) -> ModelEntry:
+            model = load_model(ctx.run_dir / name)
+            fp32, int8 = export_dir / f"{name}.onnx", export_dir / f"{name}_int8.onnx"
+            return ModelEntry(model.net, model.img_size, fp32 if fp32.is_file() else None,
+                              int8 if int8.is_file() else None, ctx.run_dir / name / "model.safetensors")
+
+        measure(ctx.run_dir, {n: entry(n) for n in names}, ctx.cfg.profile, ctx.cfg.constraints, ctx.log)
+    report = build_report(ctx.run_dir)
+    ctx.log(f"[report] {report['verdict']}")
+    ctx.log(f"[report] {ctx.run_dir / 'report.md'}")
+    return report

@@ -17,7 +17,7 @@ import yaml
 
 from data.config import DataConfig
 from data.errors import UserError
-from data.schema import FieldError, build, to_dict, type_at, unknown_key_error
+from data.schema import FieldError, build, changed_keys, to_dict, type_at, unknown_key_error
 from profiling.config import ConstraintsConfig, EvalConfig, ProfileConfig
 from student.config import ExportConfig, PruneConfig, StudentConfig
 from teacher.config import TeacherConfig
@@ -230,15 +230,3 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     tmp.replace(path)
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts."""
-    keys: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys.extend(changed_keys(a, b, f"{prefix}{key}."))
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys

@@ -9,6 +9,7 @@ exists is skipped on rerun; an interrupted one resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 
 from data.errors import EXIT_USER_ERROR, UserError
+from data.files import is_partial
 from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
-from distill.compress import export_stage, prune_stage
+from distill.compress import export_stage, prune_stage, report_stage
 from distill.stages import Context, baseline_stage, load_model, student_stage, teacher_stage
 from training.engine import pick_device
 from training.modeling import Classifier, is_finished
@@ -40,7 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo a stage even if it finished (and everything after it that is run)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def _stage_list(text: str, option: str) -> list[str]:
@@ -58,7 +60,8 @@ def _say(text: str) -> None:
 #: What each stage leaves in the run directory (what --force removes).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "data": ("data",), "teacher": ("teacher",), "student": ("student", "student_baseline"),
-    "prune": ("student_pruned",), "export": ("export",), "report": ("report.md", "report.json", "plots"),
+    "prune": ("student_pruned",), "export": ("export",),
+    "report": ("report.md", "report.json", "profile.json", "plots"),
 }
 
 
@@ -76,6 +79,17 @@ def _force(run_dir: Path, force: list[str]) -> None:
                 path.unlink()
 
 
+def _remove_partial_files(run_dir: Path) -> None:
+    """Delete what a killed run left half-written: every file is written to a hidden temporary
+    name (``.name.<pid>.tmp``) or folder (``.export-*``, ``.quantize-*``) and renamed when complete,
+    so anything still under such a name is a leftover."""
+    leftovers = [p for p in run_dir.rglob(".*") if is_partial(p)]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if leftovers:
+        _say(f"removed {len(leftovers)} partial file(s) left by an interrupted run")
+
+
 def _finished(ctx: Context, stage: str, needed_by: str) -> Classifier:
     stage_dir = ctx.run_dir / stage
     if not is_finished(stage_dir):
@@ -87,7 +101,13 @@ def _finished(ctx: Context, stage: str, needed_by: str) -> Classifier:
 def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
     """Run the chosen stages of one pipeline; returns the run directory."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory '{run_dir}': {exc.strerror or exc}; "
+                        "choose a writable run.output_dir") from None
     _force(run_dir, force)
+    _remove_partial_files(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.run.seed)
     if cfg.run.threads:
@@ -116,9 +136,32 @@ def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
     if "export" in wants:
         export_stage(ctx)
     if "report" in wants:
-        _say("[report] not built yet: this stage is skipped (see the project's open issues)")
+        report_stage(ctx)
+    for line in _headline(run_dir):
+        _say(line)
     _say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
     return run_dir
+
+
+def _headline(run_dir: Path) -> list[str]:
+    """Test AUROC/F1, params and MACs of each finished model (from report.json when there is one)."""
+    report_path = run_dir / "report.json"
+    rows = json.loads(report_path.read_text())["models"] if report_path.is_file() else {}
+    lines = []
+    for name in ("teacher", "student_baseline", "student", "student_pruned", "student_pruned_int8"):
+        row = rows.get(name)
+        if row is None and is_finished(run_dir / name):
+            meta = json.loads((run_dir / name / "meta.json").read_text())
+            row = {"test": meta["metrics"]["test"], **meta.get("cost", {})}
+        if row is None:
+            continue
+        test, params, macs = row["test"], row.get("params"), row.get("macs")
+        cost = (f"  {params / 1e6:6.2f} M params" if params else "") + (f"  {macs / 1e6:8.1f} M MACs" if macs else "")
+        lines.append(f"  {name:<20} test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}{cost}")
+    if lines:
+        where = f"report: {run_dir / 'report.md'}" if report_path.is_file() else "no report yet (stage 'report')"
+        lines = [f"headline ({where}):"] + lines
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # disk full, permissions: the message names the file
+        if args.debug:
+            raise
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"error: cannot read or write {where}{exc.strerror or exc}. Free disk space or fix the path; "
+              "finished stages and the last checkpoint are kept, so rerunning resumes", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

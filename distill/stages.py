@@ -20,7 +20,8 @@ import torch
 
 from data import CLASS_NAMES
 from data.errors import UserError
-from data.manifest import SPLITS, atomic_write_text
+from data.files import atomic_write_text
+from data.manifest import SPLITS
 from data.prepare import PreparedData
 from data.schema import to_dict
 from data.transforms import ModelView
@@ -30,7 +31,7 @@ from distill.teacher_cache import TeacherCache, build_teacher_cache
 from profiling.quality import binary_metrics
 from profiling.thresholds import choose_threshold
 from student.model import build_student
-from teacher.model import build_teacher, teacher_optimizer
+from teacher.model import build_teacher, teacher_network, teacher_optimizer
 from training.engine import EvalOutput, evaluate, precision_for
 from training.loop import FitResult, fit
 from training.modeling import Classifier, create_network, is_finished, load_meta, load_weights, save_artifact
@@ -53,7 +54,11 @@ class Context:
 def load_model(stage_dir: Path) -> Classifier:
     """A finished stage's model, rebuilt from meta.json and safetensors (no pickle)."""
     meta = load_meta(stage_dir)
-    net = create_network(meta["arch"], img_size=meta["img_size"], model_kwargs=meta.get("model_kwargs"))
+    if meta.get("conv_stem"):
+        net = teacher_network(meta["arch"], conv_stem=True, img_size=meta["img_size"],
+                              model_kwargs=meta.get("model_kwargs"))
+    else:
+        net = create_network(meta["arch"], img_size=meta["img_size"], model_kwargs=meta.get("model_kwargs"))
     if meta.get("pruning"):
         from student.prune import rebuild_pruned
 
@@ -139,13 +144,14 @@ def teacher_stage(ctx: Context) -> Classifier:
     weights = ctx.data.class_weights() if cfg.data.class_weighted_loss else None
     train = ctx.data.loader("train", model.img_size, cfg.teacher.batch_size, train=True)
     val = ctx.data.loader("val", model.img_size, 64)
-    ctx.log(f"[teacher] {cfg.teacher.arch} at {model.img_size} px, {_count(model):,} params, "
+    stem = ", convolutional stem" if cfg.teacher.conv_stem else ""
+    ctx.log(f"[teacher] {cfg.teacher.arch}{stem} at {model.img_size} px, {_count(model):,} params, "
             f"{'pretrained' if cfg.teacher.pretrained or cfg.teacher.weights else 'from scratch'}, "
             f"{cfg.teacher.epochs} epochs on {ctx.device.type}")
     result = fit(model, ce_step(cfg.teacher.label_smoothing, weights), train, val, cfg.teacher, stage_dir,
                  device=ctx.device, optimizer_factory=teacher_optimizer(cfg.teacher), name="teacher",
                  config=stage_cfg, log=ctx.log)
-    finish(ctx, model, stage_dir, stage_cfg, result)
+    finish(ctx, model, stage_dir, stage_cfg, result, {"conv_stem": cfg.teacher.conv_stem})
     return model.eval()
 
 

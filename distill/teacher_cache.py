@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from data.files import atomic_write
 from data.loader import InspectionDataset, ViewSampler
 
 __all__ = ["TeacherCache", "build_teacher_cache"]
@@ -46,9 +47,8 @@ class TeacherCache:
         return self.logits[index, match.float().argmax(dim=1)]
 
     def save(self, path: Path, meta: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"seeds": self.seeds, "logits": self.logits}, str(tmp), metadata={"meta": json.dumps(meta)})
-        tmp.replace(path)
+        tensors = {"seeds": self.seeds, "logits": self.logits}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"meta": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: Path) -> tuple[TeacherCache, dict]:

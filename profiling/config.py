@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 from data.schema import FieldError
 
-__all__ = ["EvalConfig", "ProfileConfig", "ConstraintsConfig", "parse_threshold_rule"]
+__all__ = ["RUNTIME_NAMES", "ConstraintsConfig", "EvalConfig", "ProfileConfig", "parse_threshold_rule"]
+
+#: The runtimes :data:`profiling.latency.RUNTIMES` can time (named here so a config is checked
+#: without importing torch and onnxruntime; a test keeps the two lists equal).
+RUNTIME_NAMES: tuple[str, ...] = ("eager", "eager_channels_last", "onnx", "onnx_int8", "cuda_fp16", "cuda_bf16")
 
 _RECALL_RULE = re.compile(r"^recall@(0?\.\d+|1(\.0*)?)$")
 
@@ -50,8 +54,21 @@ class ProfileConfig:
     threads: int | None = None  # None: every core
     warmup: int = 10
     runs: int = 30
+    #: Time even while other processes load the CPU (the load is recorded beside each figure).
+    allow_busy: bool = False
+    #: Cores' worth of other processes' CPU time above which a figure is withheld.
+    max_other_load: float = 0.25
+    #: Measure each runtime's peak inference memory (a fresh process per runtime and batch: seconds each).
+    peak_memory: bool = True
 
     def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIME_NAMES]
+        if unknown or not self.runtimes:
+            raise FieldError("runtimes", f"must be a non-empty list from {list(RUNTIME_NAMES)}, got {unknown or '[]'}")
+        if self.threads is not None and self.threads < 1:
+            raise FieldError("threads", f"must be >= 1 or null (every core), got {self.threads}")
+        if self.max_other_load < 0:
+            raise FieldError("max_other_load", f"must be >= 0 cores, got {self.max_other_load}")
         if self.runs < 30:
             raise FieldError("runs", f"must be >= 30 for a median and p90 worth quoting, got {self.runs}")
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
@@ -60,7 +77,12 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class ConstraintsConfig:
-    """What the deployed model must meet; each is checked and shown as pass or fail."""
+    """What the deployed model must meet; each is checked and shown as pass or fail.
+
+    Latency is the median on ``runtime`` at ``batch`` (an int8 model is timed by its ONNX Runtime
+    session, so ``runtime: onnx`` reads its ``onnx_int8`` figure); params and MACs are counts
+    (MACs per image, BatchNorm folded away); the quality bounds apply to the test split.
+    """
 
     max_latency_ms: float | None = None
     runtime: str = "onnx"
@@ -70,3 +92,13 @@ class ConstraintsConfig:
     min_auroc: float | None = None
     min_f1: float | None = None
     min_recall: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIME_NAMES:
+            raise FieldError("runtime", f"must be one of {list(RUNTIME_NAMES)}, got {self.runtime!r}")
+        if self.batch < 1:
+            raise FieldError("batch", f"must be >= 1, got {self.batch}")
+        for name in ("min_auroc", "min_f1", "min_recall"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise FieldError(name, f"must be in [0, 1] or null, got {value}")

@@ -4,7 +4,8 @@ Every figure carries its runtime, batch, threads and device, and comes from warm
 by timed runs (median, p90 and spread, not a single call). Timing on a CPU that other processes are
 using is worse than no figure (measured here: contention skewed timings 0.6-12x), so the load from
 other processes is read before and during each measurement and a busy machine gives a warning and
-no figure, unless ``allow_busy=True``.
+no figure, unless ``allow_busy=True`` (the load reading and machine info live in
+:mod:`profiling.machine`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import ctypes
 import gc
 import os
 import pickle
-import platform
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +29,31 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from profiling.machine import (
+    cpu_model,
+    cpu_times,
+    other_cpu_load,
+    other_load,
+    usable_cores,
+)
+
 __all__ = [
     "RUNTIMES",
     "BusyCpuWarning",
-    "CpuTimes",
     "CudaRunner",
     "EagerRunner",
     "LatencyStats",
     "OnnxRunner",
     "Runtime",
     "RuntimeUnavailable",
-    "cpu_times",
     "ideal_ms",
-    "machine_info",
     "matmul_peak_gflops",
     "measure",
     "measure_cuda",
-    "other_cpu_load",
-    "other_load",
     "peak_memory_mb",
     "profile_latency",
     "summarize",
 ]
-
-_LOAD_SAMPLE_S = 0.5  # how long the CPU is watched before a measurement starts
 
 
 class BusyCpuWarning(RuntimeWarning):
@@ -272,69 +272,13 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 
-# --- is anybody else using the CPU? ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """Clock ticks from /proc: on the CPUs this process may use, and by this process itself."""
-
-    busy: int  # not idle, including time stolen by other virtual machines
-    total: int
-    cpus: int
-    own: int  # user + system time of this process, all threads
-
-
-def cpu_times() -> CpuTimes | None:
-    """A reading of /proc/stat and /proc/self/stat; None where there is no /proc (not Linux)."""
-    try:
-        stat = Path("/proc/stat").read_text()
-        own_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    usable = os.sched_getaffinity(0)
-    busy = total = cpus = 0
-    for line in stat.splitlines():
-        name, *fields = line.split()
-        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in usable):
-            continue
-        # user nice system idle iowait irq softirq steal (guest time is already inside user)
-        ticks = [int(f) for f in fields[:8]]
-        total += sum(ticks)
-        busy += sum(ticks) - ticks[3] - ticks[4]
-        cpus += 1
-    utime, stime = int(own_fields[11]), int(own_fields[12])  # fields 14 and 15 of proc(5)
-    return CpuTimes(busy=busy, total=total, cpus=cpus, own=utime + stime)
-
-
-def other_load(before: CpuTimes, after: CpuTimes) -> float:
-    """Cores' worth of time other processes (and other VMs, via steal) used between two readings."""
-    elapsed_per_cpu = (after.total - before.total) / max(after.cpus, 1)
-    if elapsed_per_cpu <= 0:
-        return 0.0
-    others = (after.busy - before.busy) - (after.own - before.own)
-    return max(others, 0) / elapsed_per_cpu
-
-
-def other_cpu_load(interval: float = _LOAD_SAMPLE_S) -> float | None:
-    """Cores other processes keep busy, watched for ``interval`` seconds; None where it cannot be read."""
-    before = cpu_times()
-    time.sleep(interval)
-    after = cpu_times()
-    return None if before is None or after is None else other_load(before, after)
-
-
 # --- the measurement -----------------------------------------------------------------------------
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device_name(kind: str) -> str:
     if kind == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cuda"
-    return f"cpu ({_cpu_model()})"
+    return f"cpu ({cpu_model()})"
 
 
 def _existing(path: str | os.PathLike[str] | None, what: str) -> Path | None:
@@ -371,7 +315,7 @@ def profile_latency(
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise ValueError(f"unknown runtime(s) {unknown}; valid: {sorted(RUNTIMES)}")
-    thread_counts = [_usable_cores()] if threads is None else [threads] if isinstance(threads, int) else list(threads)
+    thread_counts = [usable_cores()] if threads is None else [threads] if isinstance(threads, int) else list(threads)
     if runs < 1 or warmup < 0 or min(batch_sizes, default=0) < 1 or min(thread_counts, default=0) < 1:
         raise ValueError(
             f"need runs >= 1, warmup >= 0, batch sizes >= 1 and threads >= 1; "
@@ -516,42 +460,7 @@ def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu") -> float:
     return float(lines[-1][len(_PEAK_PREFIX) :])
 
 
-# --- the machine and its limit ----------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """What a latency figure depends on, to be stored beside it."""
-    cuda = torch.cuda.is_available()
-    return {
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "timm": _version("timm"),
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "cuda": torch.version.cuda if cuda else None,
-    }
+# --- the machine's limit ------------------------------------------------------------------------
 
 
 def matmul_peak_gflops(threads: int, size: int = 1024, repeats: int = 10) -> float:

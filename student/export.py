@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,12 @@ from torch import nn
 
 from data import DEFECT
 from data.errors import UserError
+from data.files import atomic_write
 
 __all__ = ["INPUT", "OUTPUT", "export_onnx", "onnx_logits", "onnx_session", "update_metadata", "quantize_int8",
            "read_metadata", "verify_onnx"]
 
 INPUT, OUTPUT = "input", "logits"
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -64,8 +56,8 @@ def _finish(model: onnx.ModelProto, path: Path, metadata: dict[str, Any]) -> Pat
     onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in metadata.items()})
     onnx.checker.check_model(model)
     text = json.dumps(metadata, indent=2, default=float)
-    _atomic(path.with_suffix(".json"), lambda p: p.write_text(text, encoding="utf-8"))
-    _atomic(path, lambda p: onnx.save(model, str(p)))
+    atomic_write(path.with_suffix(".json"), lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda p: onnx.save(model, str(p)))
     return path
 
 

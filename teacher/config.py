@@ -25,6 +25,10 @@ class TeacherConfig(TrainConfig):
     drop_path: float = 0.1
     #: Layer-wise learning-rate decay for a pretrained ViT (None: off).
     layer_decay: float | None = 0.75
+    #: Replace the ViT's patchify stem with stride-2 3x3 convolutions (Xiao et al. 2021, "Early
+    #: convolutions help transformers see better"): trains from scratch far more easily. Only for
+    #: teachers trained from scratch (pretrained weights expect the patchify stem).
+    conv_stem: bool = False
     #: Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for a small ViT).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 5e-4
@@ -36,5 +40,8 @@ class TeacherConfig(TrainConfig):
             raise FieldError("img_size", f"must be >= 16 or null, got {self.img_size}")
         if not 0.0 <= self.drop_path < 1.0:
             raise FieldError("drop_path", f"must be in [0, 1), got {self.drop_path}")
+        if self.conv_stem and (self.pretrained or self.weights):
+            raise FieldError("conv_stem", "is for a teacher trained from scratch; set teacher.pretrained=false "
+                                          "and no teacher.weights, or teacher.conv_stem=false")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise FieldError("layer_decay", f"must be in (0, 1] or null, got {self.layer_decay}")

@@ -14,7 +14,7 @@ from conftest import write_image
 from data.config import DataConfig
 from data.dedup import cross_split_duplicates, hamming_matrix
 from data.errors import UserError
-from data.images import BadImage, open_rgb, phash_bits, square
+from data.images import BadImage, open_rgb, phash_bits, square, thumbnail
 from data.manifest import Sample, read_manifest
 from data.prepare import LeakageWarning, prepare_data
 from data.split import check_splits, complete_splits, split_samples, with_groups
@@ -117,11 +117,26 @@ def test_planted_duplicates_are_found(tmp_path: Path) -> None:
     Image.fromarray(arr).save(tmp_path / "dup.jpg", quality=90)
     samples = [Sample(str(p), i % 2, str(i), ("train", "val", "test")[i % 3]) for i, p in enumerate(imgs)]
     samples.append(Sample(str(tmp_path / "dup.jpg"), 0, "dup", "test"))
-    hashes = [phash_bits(open_rgb(s.path)) for s in samples]
-    report = cross_split_duplicates(samples, hashes, max_distance=8)  # distinct images differ by ~30 bits
-    assert report["pairs"] == 1 and report["pairs_by_split"]["train-test"] == 1
+    images = [open_rgb(s.path) for s in samples]
+    hashes, thumbs = [phash_bits(i) for i in images], [thumbnail(i) for i in images]
+    report = cross_split_duplicates(samples, hashes, thumbs, max_distance=8, max_pixel_diff=0.05)
+    assert report["pairs"] == 1 and report["pairs_by_split"]["train-test"] == 1  # distinct images: ~30 bits apart
     assert report["test_images_with_duplicate_elsewhere"] == 1
     assert {report["examples"][0]["a"], report["examples"][0]["b"]} == {str(imgs[0]), str(tmp_path / "dup.jpg")}
+
+
+def test_same_layout_in_another_colour_is_not_a_duplicate(tmp_path: Path) -> None:
+    # Two beads with the same curve on the same kind of part, one grey and one brown: pHash (grey
+    # layout only) pairs them; the colour thumbnails tell them apart.
+    base = np.asarray(Image.open(write_image(tmp_path / "a.png", seed=3, size=64)), dtype=np.float32)
+    recoloured = np.clip(base[..., ::-1] * [1.0, 0.6, 0.3], 0, 255).astype(np.uint8)
+    grey = np.repeat(base.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
+    samples = [Sample("grey", 0, "g", "train"), Sample("brown", 0, "b", "test")]
+    images = [grey, recoloured]
+    hashes = [phash_bits(i) for i in images]
+    report = cross_split_duplicates(samples, hashes, [thumbnail(i) for i in images], max_distance=64,
+                                    max_pixel_diff=0.05)
+    assert report["pairs"] == 0 and report["phash_candidates_rejected"] == 1
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -143,9 +158,14 @@ def test_prepare_folder_writes_reports_and_reuses_manifest(tmp_path: Path) -> No
     assert report["duplicates"]["pairs"] == 0
     manifest = read_manifest(out / "manifest.csv")
     assert len(manifest) == 36 and {s.split for s in manifest} == {"train", "val", "test"}
-    # Rerun with another seed: the manifest is reused, nothing reshuffles.
-    again = prepare_data(cfg, out, seed=123)
+    # Rerun: the manifest is reused (not rewritten), nothing reshuffles.
+    stamp = (out / "manifest.csv").stat().st_mtime_ns
+    again = prepare_data(cfg, out, seed=0)
     assert [s.split for s in again.samples] == [s.split for s in data.samples]
+    assert (out / "manifest.csv").stat().st_mtime_ns == stamp
+    # A changed data config (or seed) must not silently reuse the old splits.
+    with pytest.raises(UserError, match=r"different config \(changed: data.split, seed\).*--force data"):
+        prepare_data(DataConfig(source="folder", path=str(tmp_path / "ds"), split=(0.6, 0.2, 0.2)), out, seed=1)
     batch = next(iter(data.loader("train", 32, batch_size=4, train=True)))
     assert batch[0].shape == (4, 3, 32, 32) and 0.0 <= float(batch[0].min()) and float(batch[0].max()) <= 1.0
 

@@ -20,20 +20,17 @@ from torch import nn
 from profiling import latency
 from profiling.latency import (
     BusyCpuWarning,
-    CpuTimes,
     EagerRunner,
     LatencyStats,
     OnnxRunner,
-    cpu_times,
     ideal_ms,
-    machine_info,
     matmul_peak_gflops,
     measure,
-    other_load,
     peak_memory_mb,
     profile_latency,
     summarize,
 )
+from profiling.machine import CpuTimes, cpu_times, machine_info, other_load
 
 FAST = {"warmup": 1, "runs": 5}
 

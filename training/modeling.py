@@ -12,8 +12,6 @@ student its channel structure). Loading never unpickles anything.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from torch import nn
 
 from data import CLASS_NAMES
 from data.errors import UserError
+from data.files import atomic_write, atomic_write_text
 from data.transforms import ModelView
 
 __all__ = ["Classifier", "save_artifact", "load_meta", "load_weights", "is_finished", "ARTIFACT", "META"]
@@ -64,22 +63,13 @@ class Classifier(nn.Module):
         }
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_artifact(stage_dir: Path, model: Classifier, meta: dict[str, Any]) -> None:
     """Write ``model.safetensors`` then ``meta.json`` (whose presence marks the stage finished)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-    _atomic(stage_dir / ARTIFACT, lambda p: save_file(state, str(p)))
+    atomic_write(stage_dir / ARTIFACT, lambda p: save_file(state, str(p)))
     full = {**model.describe(), **meta}
-    _atomic(stage_dir / META, lambda p: p.write_text(json.dumps(full, indent=2, default=float), encoding="utf-8"))
+    atomic_write_text(stage_dir / META, json.dumps(full, indent=2, default=float))
 
 
 def is_finished(stage_dir: Path) -> bool:

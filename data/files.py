@@ -1,0 +1,34 @@
+"""Writing files so that a kill never leaves half of one: a hidden temporary name, then a rename.
+
+Every file the pipeline writes goes through :func:`atomic_write`. The temporary name is
+``.<name>.<pid>.tmp`` beside the target, so a rerun can find and delete what a killed run left.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_write_text", "is_partial"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def is_partial(path: Path) -> bool:
+    """A leftover of an interrupted write: a temporary file, or a temporary export folder."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith((".export-", ".quantize-")))

@@ -1,0 +1,245 @@
+"""report.md from the report.json content: the verdict first, then the evidence for it.
+
+Units are said where the numbers are: params and MACs in millions (MACs per image, a fused
+multiply-add counted once), latency as the median in ms with its runtime, batch and threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from profiling.config import RUNTIME_NAMES
+from profiling.constraints import latency_of
+
+__all__ = ["render_markdown", "verdict"]
+
+_DASH = "—"
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return _DASH if x is None else f"{x:.{digits}f}"
+
+
+def _m(x: float | None) -> str:
+    """A count in millions, e.g. 0.945 M."""
+    return _DASH if x is None else f"{x / 1e6:.3g} M"
+
+
+def _ms(x: float | None) -> str:
+    return _DASH if x is None else f"{x:.3g}"
+
+
+def _with_ci(test: dict[str, Any], metric: str) -> str:
+    ci = test.get(f"{metric}_ci")
+    point = _f(test.get(metric))
+    return point if not ci or None in ci else f"{point} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _facts(report: dict[str, Any], name: str) -> str:
+    """Speed, size and accuracy of one model in a phrase, on the constraint's runtime."""
+    row, c = report["models"][name], report["constraints"]
+    fig = latency_of(row, c["runtime"], c["batch"])
+    speed = (f"{_ms(fig['median'])} ms median ({c['runtime']}{' int8' if row.get('quantised_from') else ''}, "
+             f"batch {c['batch']}, {fig['threads']} threads)" if fig else f"latency on {c['runtime']} not measured")
+    test = row["test"]
+    return (f"{speed}, {_m(row.get('params'))} params, {_m(row.get('macs'))} MACs, "
+            f"test AUROC {_with_ci(test, 'auroc')}, recall {_f(test.get('recall'))} at threshold {row['threshold']:.3g}")
+
+
+def _against_teacher(report: dict[str, Any], name: str) -> str:
+    """The model's latency, params and MACs as multiples of the teacher's (0.1x = ten times less)."""
+    rows, c = report["models"], report["constraints"]
+    if "teacher" not in rows or name == "teacher":
+        return ""
+    t, s = rows["teacher"], rows[name]
+    ft, fs = latency_of(t, c["runtime"], c["batch"]), latency_of(s, c["runtime"], c["batch"])
+    pairs = {"latency": (fs and fs["median"], ft and ft["median"]), "params": (s.get("params"), t.get("params")),
+             "MACs": (s.get("macs"), t.get("macs"))}
+    parts = [f"{what} {mine / theirs:.3g}x" for what, (mine, theirs) in pairs.items() if mine and theirs]
+    if s["test"].get("auroc") is not None and t["test"].get("auroc") is not None:
+        parts.append(f"AUROC {s['test']['auroc'] - t['test']['auroc']:+.3f}")
+    return f"; relative to the teacher: {', '.join(parts)}" if parts else ""
+
+
+def _amount(name: str, value: float | None) -> str:
+    """A constraint's limit or value in its unit: counts in millions, latency in ms, scores as they are."""
+    if value is None:
+        return _DASH
+    if name in ("max_params", "max_macs"):
+        return _m(value)
+    return f"{value:.3g} ms" if name == "max_latency_ms" else f"{value:.3f}"
+
+
+def _failure(check: dict[str, Any]) -> str:
+    if check["value"] is None:
+        return f"{check['name']} (not verified: {check.get('why')})"
+    return f"{check['name']} ({_amount(check['name'], check['value'])}, needs {check['op']} " \
+           f"{_amount(check['name'], check['limit'])})"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: does the deployed model meet the constraints, and at what speed, size and accuracy."""
+    deployed, c = report.get("deployed"), report["constraints"]
+    if deployed is None:
+        return f"**NO VERDICT**: {c.get('why', 'nothing to deploy')}."
+    name, checks = deployed["model"], c["checks"]
+    tail = f"{_facts(report, name)}{_against_teacher(report, name)}."
+    if not checks:
+        return f"**NO CONSTRAINTS SET** (add `constraints:` to the config for a pass/fail): {name} (deployed): {tail}"
+    if c["passed"]:
+        return f"**PASS**: {name} (deployed) meets all {len(checks)} constraints: {tail}"
+    failing = [ch for ch in checks if ch["passed"] is not True]
+    return (f"**FAIL**: {name} (deployed) misses {len(failing)} of {len(checks)} constraints: "
+            f"{'; '.join(_failure(ch) for ch in failing)}. {tail}")
+
+
+# ----------------------------------------------------------------------------- sections
+def _latency_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
+    keys = {k for r in rows.values() for k in r.get("latency_ms", {})}
+
+    def order(key: str) -> tuple[int, int]:
+        runtime, batch = key.rsplit("_b", 1)
+        return RUNTIME_NAMES.index(runtime) if runtime in RUNTIME_NAMES else 99, int(batch)
+
+    return sorted(keys, key=order)
+
+
+def _models_section(report: dict[str, Any]) -> str:
+    rows, deployed = report["models"], (report.get("deployed") or {}).get("model")
+    columns = _latency_columns(rows)
+    header = ["model", "arch", "params", "MACs", *[f"{k} (ms)" for k in columns], "size (MB)",
+              "AUROC [95% CI]", "F1 [95% CI]", "recall", "threshold"]
+    body = []
+    for name, r in rows.items():
+        lat = [_ms((r["latency_ms"].get(k) or {}).get("median")) for k in columns]
+        body.append([f"**{name}** (deployed)" if name == deployed else name, f"{r['arch']} @{r['img_size']}px",
+                     _m(r.get("params")), _m(r.get("macs")), *lat, _f(r.get("size_mb"), 2),
+                     _with_ci(r["test"], "auroc"), _with_ci(r["test"], "f1"), _f(r["test"].get("recall")),
+                     f"{r['threshold']:.4g}"])
+    text = "## Models (test split)\n\n" + _table(header, body)
+    prof, machine = report.get("profile") or {}, report.get("machine") or {}
+    settings = prof.get("settings")
+    if settings:
+        text += (f"\n\nLatency: median ms per batch of {settings['runs']} timed runs after {settings['warmup']} "
+                 f"warm-up, {settings['threads']} thread(s) (PyTorch intra-op and ONNX Runtime intra-op), on "
+                 f"{machine.get('cpu')}; torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}. "
+                 + (f"CUDA runtimes on {machine['gpu']}. " if machine.get("gpu") else "")
+                 + "p90, spread and images/s are in report.json. Runtime names: `<runtime>_b<batch>`; the int8 "
+                 "model runs only in ONNX Runtime (`onnx_int8`).")
+        text += f"\n\nMACs: {prof.get('macs_note')}. Size: the ONNX file where exported, else the safetensors file."
+    loads = [v.get("other_cpu_load") or 0.0 for r in rows.values() for v in r["latency_ms"].values()]
+    if settings and settings.get("allow_busy") and max(loads, default=0.0) > settings.get("max_other_load", 0.25):
+        text += (f"\n\n**Measured on a busy CPU** (profile.allow_busy): other processes used up to "
+                 f"{max(loads):.2f} cores while timing, so these latencies are inflated and not comparable.")
+    skipped = {f"{n} {k}": why for n, r in rows.items() for k, why in (r.get("latency_skipped") or {}).items()}
+    if skipped:
+        text += "\n\nNo figure for: " + "; ".join(f"{k}: {why}" for k, why in skipped.items()) + "."
+    return text
+
+
+def _limit_section(report: dict[str, Any]) -> str:
+    limit = (report.get("profile") or {}).get("limit")
+    if not limit:
+        return ""
+    batch = report["constraints"]["batch"]
+    body = []
+    for name, r in report["models"].items():
+        ideal = (r.get("ideal_ms") or {}).get(f"b{batch}")
+        best = min(((v["median"], k) for k, v in r["latency_ms"].items() if k.endswith(f"_b{batch}")), default=None)
+        memory = ", ".join(f"{k} {v:.3g}" for k, v in (r.get("peak_memory_mb") or {}).items())
+        body.append([name, _m(r.get("macs")), _ms(ideal), f"{_ms(best[0])} ({best[1]})" if best else _DASH,
+                     f"{best[0] / ideal:.3g}x" if best and ideal else _DASH, memory or _DASH])
+    return (f"## Cost against the machine's limit\n\nfp32 matmul peak of this machine: "
+            f"{limit['matmul_peak_gflops']:.1f} GFLOP/s with {limit['threads']} thread(s) ({limit['what']}).\n\n"
+            + _table(["model", "MACs", f"ideal b{batch} (ms)", f"fastest b{batch} (ms, runtime)", "x ideal",
+                      "peak inference memory beyond weights (MB)"], body))
+
+
+def _constraints_section(report: dict[str, Any]) -> str:
+    c, deployed = report["constraints"], report.get("deployed")
+    if deployed is None:
+        return f"## Constraints\n\nNot checked: {c.get('why')}."
+    text = f"## Constraints (deployed: {deployed['model']})\n\nChosen as {deployed['why']}.\n\n"
+    if not c["checks"]:
+        return text + "No constraint is set (`constraints:` in the config), so nothing is checked."
+    body = [[ch["name"], f"{ch['op']} {_amount(ch['name'], ch['limit'])}", _amount(ch["name"], ch["value"]),
+             {True: "pass", False: "**FAIL**", None: "**not verified**"}[ch["passed"]],
+             ch["what"] + (f" ({ch['why']})" if ch.get("why") else "")] for ch in c["checks"]]
+    result = "**all pass**" if c["passed"] else "**not met**"
+    return text + _table(["constraint", "limit", "value", "result", "measured as"], body) + f"\n\nOverall: {result}."
+
+
+def _thresholds_section(report: dict[str, Any]) -> str:
+    body = []
+    for name, r in report["models"].items():
+        ch = r["threshold_check"]
+        body.append([name, ch["rule"], f"{r['threshold']:.6g}", f"{ch['rechosen_on_val']:.6g}",
+                     "yes" if ch["agrees"] else "**no**", _f(ch["val_recall"]), _f(ch["val_specificity"]),
+                     f"{ch['val_defects']} / {ch['val_normals']}"])
+    text = ("## Thresholds (chosen on validation, never on test)\n\n"
+            + _table(["model", "rule", "threshold", "re-chosen from saved val scores", "agree", "val recall",
+                      "val specificity", "val defects / normals"], body))
+    rule = report["eval"]["threshold"]
+    if rule.startswith("recall@"):
+        target = float(rule.split("@")[1])
+        few = {r["threshold_check"]["val_defects"] for r in report["models"].values()}
+        if target < 1 and min(few) < 1 / (1 - target):
+            text += (f"\n\nWith fewer than {1 / (1 - target):.0f} validation defects, `{rule}` means catching "
+                     "every validation defect.")
+    return text
+
+
+def _splits_section(report: dict[str, Any]) -> str:
+    body = []
+    for name, r in report["models"].items():
+        s = r["splits"]
+        body.append([name, *[_f(s.get(sp, {}).get("auroc")) for sp in ("train", "val", "test")],
+                     *[_f(s.get(sp, {}).get("f1")) for sp in ("train", "val", "test")],
+                     *[_f(s.get(sp, {}).get("recall")) for sp in ("train", "val", "test")]])
+    header = ["model", "AUROC train", "val", "test", "F1 train", "val", "test", "recall train", "val", "test"]
+    text = "## Train / validation / test\n\n" + _table(header, body)
+    pairs = [[n, _f(r["vs_teacher"]["agreement"]), _f(r["vs_teacher"]["kl_nats"], 4)]
+             for n, r in report["models"].items() if r.get("vs_teacher")]
+    if pairs:
+        text += ("\n\nTeacher vs the others on test: agreement is the fraction of identical decisions (each at its own "
+                 "threshold); KL(teacher ‖ model) in nats per image.\n\n"
+                 + _table(["model", "agreement", "KL (nats)"], pairs))
+    return text
+
+
+def _data_section(report: dict[str, Any]) -> str:
+    data, leak = report.get("data"), report["leakage"]
+    if data is None:
+        return f"## Data\n\nNo data/report.json in the run.\n\n{leak['statement']}"
+    counts = data.get("counts", {})
+    body = [[sp, str(c.get("normal", 0)), str(c.get("defect", 0))] for sp, c in counts.items()]
+    where = f" ({data['root']})" if data.get("root") else ""
+    skipped = data.get("skipped", 0)
+    reasons = ", ".join(f"{k}: {v}" for k, v in (data.get("skipped_by_reason") or {}).items())
+    return (f"## Data\n\nSource: {data.get('source')}{where}; {data.get('split_method')}; "
+            f"{data.get('total')} images used, {skipped} skipped{f' ({reasons}; listed in data/skipped.csv)' if skipped else ''}."
+            f"\n\n{_table(['split', 'normal', 'defect'], body)}\n\n**Leakage:** {leak['statement']}")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The whole report.md."""
+    sections = [
+        f"# Report: {report['run']}\n\n{report['verdict']}",
+        _models_section(report),
+        _constraints_section(report),
+        _limit_section(report),
+        _thresholds_section(report),
+        _splits_section(report),
+        _data_section(report),
+        "## Plots\n\n" + "\n".join(f"![{p.rsplit('/', 1)[-1][:-4]}]({p})" for p in report.get("plots", [])),
+    ]
+    if report.get("notes"):
+        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in report["notes"]))
+    return "\n\n".join(s for s in sections if s) + "\n"

@@ -1,0 +1,108 @@
+"""Which figures the report draws from a run, and the example images for its error grid.
+
+The images of the worst test errors come from the data layer exactly as the models saw them
+(the same decoding, crop and resize; synthetic beads re-rendered from their seed), at a size a
+person can inspect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.config import DataConfig
+from data.errors import UserError
+from data.loader import InspectionDataset
+from data.manifest import Sample
+from data.schema import build
+from profiling import plots
+from profiling.constraints import latency_of
+from profiling.runfiles import RunFiles
+
+__all__ = ["ERRORS_SHOWN", "IMAGE_SIZE", "load_images", "write_plots"]
+
+ERRORS_SHOWN = 8  # per row of the error grid
+IMAGE_SIZE = 128  # pixels per side in the error grid
+
+
+def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE_SIZE) -> list[np.ndarray | None]:
+    """HWC float images in [0, 1] for ``(path, label)`` pairs of predictions.csv; None where one cannot be read.
+
+    A file path is decoded as the data stage does; ``synthetic:<split>/<index>`` is rendered again
+    from the run's seed (the label decides whether the bead has its defect).
+    """
+    try:
+        cfg = build(DataConfig, files.config.get("data") or {})
+    except UserError:
+        return [None] * len(items)
+    seed = int((files.config.get("run") or {}).get("seed", 0))
+    out: list[np.ndarray | None] = []
+    for path, label in items:
+        synthetic = cfg.synthetic if path.startswith("synthetic:") else None
+        dataset = InspectionDataset([Sample(path=path, label=label, group="", split="test")], size,
+                                    crop_pct=cfg.crop_pct, synthetic=synthetic, run_seed=seed)
+        try:
+            out.append(dataset[0][0].permute(1, 2, 0).numpy())
+        except (OSError, ValueError):  # a file moved or deleted since the run (BadImage is a ValueError)
+            out.append(None)
+    return out
+
+
+def _worst(files: RunFiles, model: str, threshold: float) -> dict[str, list[tuple[np.ndarray | None, str]]]:
+    """The deployed model's worst false negatives (lowest-scored defects below the threshold) and
+    worst false positives (highest-scored normals at or above it) on test."""
+    test = files.models[model].splits["test"]
+    called = test.probs >= threshold
+    fn = [i for i in np.argsort(test.probs, kind="stable") if test.labels[i] == 1 and not called[i]]
+    fp = [i for i in np.argsort(-test.probs, kind="stable") if test.labels[i] == 0 and called[i]]
+    rows = {}
+    for label, picked in (("missed defects (false negatives)", fn[:ERRORS_SHOWN]),
+                          ("false alarms (false positives)", fp[:ERRORS_SHOWN])):
+        images = load_images(files, [(test.paths[i], int(test.labels[i])) for i in picked])
+        rows[label] = [(img, f"p={test.probs[i]:.3f}\n{Path(test.paths[i]).name[:18]}")
+                       for img, i in zip(images, picked)]
+    return rows
+
+
+def _pareto_points(report: dict[str, Any]) -> dict[str, tuple[float, float, tuple[float, float] | None]]:
+    c = report["constraints"]
+    points = {}
+    for name, row in report["models"].items():
+        figure = latency_of(row, c["runtime"], c["batch"])
+        auroc = row["test"].get("auroc")
+        if figure and figure.get("median") is not None and auroc is not None:
+            ci = row["test"].get("auroc_ci")
+            points[name] = (figure["median"], auroc, tuple(ci) if ci else None)
+    return points
+
+
+def write_plots(files: RunFiles, report: dict[str, Any]) -> list[Path]:
+    """Draw every figure into ``run_dir/plots/`` and return the paths written."""
+    out = files.run_dir / "plots"
+    rows = report["models"]
+    scores = {n: (files.models[n].splits["test"].probs, files.models[n].splits["test"].labels, r["threshold"])
+              for n, r in rows.items()}
+    written = [
+        plots.roc_curves(scores, {n: r["test"].get("auroc") for n, r in rows.items()}, out / "roc.png"),
+        plots.pr_curves(scores, out / "pr.png"),
+        plots.confusion_matrices({n: r["test"]["confusion_matrix"] for n, r in rows.items()},
+                                 {n: r["threshold"] for n, r in rows.items()}, out / "confusion.png"),
+        plots.score_histograms(scores, out / "scores.png"),
+    ]
+    points = _pareto_points(report)
+    c = report["constraints"]
+    deployed = (report.get("deployed") or {}).get("model")
+    if points:
+        xlabel = f"median latency, ms ({c['runtime']} batch {c['batch']}; int8: onnx_int8)"
+        limit = (c.get("set") or {}).get("max_latency_ms")
+        written.append(plots.pareto(points, xlabel, out / "pareto.png", deployed=deployed, max_latency=limit))
+    if deployed is not None:
+        title = f"{deployed} on test, threshold {rows[deployed]['threshold']:.3g}: worst errors with their scores"
+        written.append(plots.error_grid(_worst(files, deployed, rows[deployed]["threshold"]), title,
+                                        out / "errors.png"))
+    for stale in ("pareto.png", "errors.png"):  # from an earlier rendering that could still draw them
+        if out / stale not in written:
+            (out / stale).unlink(missing_ok=True)
+    return written
