@@ -7,20 +7,37 @@ Every file the pipeline writes goes through :func:`atomic_write`. The temporary 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "is_partial"]
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    A failed write (a full disk, a read-only folder) raises ``OSError`` naming ``path``, whatever
+    the writing library raised (torch and safetensors report a full disk with their own types),
+    and the file that was there before is left untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    except Exception as exc:
+        code = _OS_ERROR.search(str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -30,6 +30,7 @@ from profiling.quality import binary_metrics
 from profiling.thresholds import choose_threshold
 from student.export import export_onnx, onnx_logits, onnx_session, quantize_int8, update_metadata, verify_onnx
 from student.prune import StudentPruner
+from training.distributed import barrier
 from training.engine import EvalOutput
 from training.loop import fit
 from training.modeling import Classifier, is_finished, load_meta
@@ -63,6 +64,7 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
     pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train))
     ctx.log(f"[prune] {model.arch}: target {cfg.prune.target} of {pruner.macs0 / 1e6:.1f} M MACs, "
             f"{pruner.params0 / 1e6:.2f} M params, in {cfg.prune.steps} round(s), {cfg.prune.importance} importance")
+    barrier(ctx.dist)  # every rank sees the same saved rounds
     saved = sorted(stage_dir.glob("round*/structure.json"), key=lambda p: int(p.parent.name[5:]))
     if saved:  # resume: rebuild the last started round's shapes and its weights right after pruning
         pruner.restore(json.loads(saved[-1].read_text()))
@@ -73,11 +75,11 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
         if k < len(pruner.rounds):
             continue  # finished before an interruption; its weights live on in the later rounds
         if k > len(pruner.rounds):
-            pruner.step()
-            round_dir.mkdir(parents=True, exist_ok=True)
-            state = {n: t.contiguous() for n, t in model.net.state_dict().items()}
-            atomic_write(round_dir / "start.safetensors", lambda p: save_file(state, str(p)))
-            atomic_write_text(round_dir / "structure.json", json.dumps(pruner.structure()))
+            pruner.step()  # deterministic: every rank prunes the same channels of the same weights
+            if ctx.dist.is_main:
+                state = {n: t.contiguous() for n, t in model.net.state_dict().items()}
+                atomic_write(round_dir / "start.safetensors", lambda p: save_file(state, str(p)))
+                atomic_write_text(round_dir / "structure.json", json.dumps(pruner.structure()))
         record = pruner.rounds[k - 1]
         epochs = cfg.prune.epochs if k == cfg.prune.steps else cfg.prune.finetune_epochs
         ctx.log(f"[prune] round {k}/{cfg.prune.steps}: channel ratio {record['ratio']:.3f}, MACs "
@@ -86,9 +88,11 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
                 f"{epochs} epoch(s) of distillation")
         round_cfg = dataclasses.replace(cfg.prune, epochs=epochs)
         result = fit(trainee_of(model), step, train, val, round_cfg, round_dir, device=ctx.device, eval_model=model,
-                     channels_last=True, name=f"prune round {k}", config={**stage_cfg, "round": k}, log=ctx.log)
+                     channels_last=True, name=f"prune round {k}", config={**stage_cfg, "round": k}, dist=ctx.dist,
+                     log=ctx.log)
         model.cpu()
-    _write_rounds_csv(_round_rows(stage_dir, pruner.rounds), stage_dir / "metrics.csv")
+    if ctx.dist.is_main:
+        _write_rounds_csv(_round_rows(stage_dir, pruner.rounds), stage_dir / "metrics.csv")
     structure = pruner.structure()
     finish(ctx, model, stage_dir, stage_cfg, result,
            {"pruning": structure, "cost": {"macs_unpruned": structure["macs"][0], "macs": structure["macs"][1],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,7 @@ import yaml
 
 from data.config import DataConfig
 from data.errors import UserError
+from data.files import atomic_write_text
 from data.schema import FieldError, build, changed_keys, to_dict, type_at, unknown_key_error
 from profiling.config import ConstraintsConfig, EvalConfig, ProfileConfig
 from student.config import ExportConfig, PruneConfig, StudentConfig
@@ -154,6 +157,16 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- overrides
+def _is_text(tp: Any) -> str | None:
+    """'plain' for a str key, 'optional' for str | None, None for anything else."""
+    if tp is str:
+        return "plain"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and set(args) == {str, type(None)}:
+        return "optional"
+    return None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["teacher.epochs=3", "run.name=x"]`` -> nested dict with values converted to the key's type."""
     nested: dict[str, Any] = {}
@@ -166,8 +179,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             tp = type_at(Config, key)
         except KeyError:
             raise unknown_key_error(key, Config, " (command-line override)") from None
-        if tp is str or (isinstance(tp, type) and issubclass(tp, str)):
-            value: Any = text
+        if _is_text(tp):
+            # Paths and names stay verbatim ('/data/run #1' must not lose its '#1' to YAML).
+            value: Any = None if _is_text(tp) == "optional" and text.strip() in ("null", "~") else text
         else:
             try:
                 value = yaml.safe_load(text) if text.strip() else None
@@ -226,7 +240,4 @@ def config_hash(section: Any) -> str:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

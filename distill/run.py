@@ -24,8 +24,9 @@ from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
 from distill.compress import export_stage, prune_stage, report_stage
 from distill.stages import Context, baseline_stage, load_model, student_stage, teacher_stage
+from training.distributed import Dist, barrier, close_distributed, init_distributed
 from training.engine import pick_device
-from training.modeling import Classifier, is_finished
+from training.modeling import Classifier, check_arch, is_finished
 from training.seed import seed_everything
 
 __all__ = ["main", "STAGES"]
@@ -99,26 +100,48 @@ def _finished(ctx: Context, stage: str, needed_by: str) -> Classifier:
 
 
 def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
-    """Run the chosen stages of one pipeline; returns the run directory."""
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    """Run the chosen stages of one pipeline; returns the run directory.
+
+    Under ``torchrun`` every process runs this; rank 0 alone writes, the others wait for it.
+    """
+    dist, device_name = init_distributed(cfg.run.device)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the run directory '{run_dir}': {exc.strerror or exc}; "
-                        "choose a writable run.output_dir") from None
-    _force(run_dir, force)
-    _remove_partial_files(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+        return _run(cfg, stages, force, dist, device_name)
+    finally:
+        close_distributed(dist)
+
+
+def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_name: str) -> Path:
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory '{run_dir}': {exc.strerror or exc}; "
+                            "choose a writable run.output_dir") from None
+        _force(run_dir, force)
+        _remove_partial_files(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            save_config(cfg, run_dir / "config.yaml")
+    barrier(dist)
+    for arch, key in ((cfg.teacher.arch, "teacher.arch"), (cfg.student.arch, "student.arch")):
+        check_arch(arch, key)  # a typo must not wait for the end of the teacher stage
     seed_everything(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device = pick_device(cfg.run.device)
-    _say(f"run directory: {run_dir}  (device: {device.type})")
+    device = pick_device(device_name)
+    say = _say if dist.is_main else (lambda text: None)  # one log, from rank 0
+    ranks = f", {dist.world} processes" if dist.active else ""
+    say(f"run directory: {run_dir}  (device: {device.type}{ranks})")
 
     t0 = time.perf_counter()
+    if not dist.is_main:
+        barrier(dist)  # rank 0 scans and splits; the others reuse its manifest
     data = prepare_data(cfg.data, run_dir / "data", cfg.run.seed)
-    _say("[data] " + "\n[data] ".join(summary_lines(data.report)) + f"  ({time.perf_counter() - t0:.1f} s)")
-    ctx = Context(cfg, run_dir, data, device, _say)
+    if dist.is_main:
+        barrier(dist)
+    say("[data] " + "\n[data] ".join(summary_lines(data.report)) + f"  ({time.perf_counter() - t0:.1f} s)")
+    ctx = Context(cfg, run_dir, data, device, say, dist)
     wants = set(stages)
 
     teacher = student = None
@@ -133,13 +156,16 @@ def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
         teacher = teacher or _finished(ctx, "teacher", "prune")
         student = student or _finished(ctx, "student", "prune")
         prune_stage(ctx, teacher, student)
-    if "export" in wants:
-        export_stage(ctx)
-    if "report" in wants:
-        report_stage(ctx)
-    for line in _headline(run_dir):
-        _say(line)
-    _say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
+    if dist.is_main:  # exporting and profiling are single-process work
+        if "export" in wants:
+            export_stage(ctx)
+        if "report" in wants:
+            report_stage(ctx)
+        save_config(cfg, run_dir / "config.yaml")  # the config as run (a refused rerun never gets here)
+        for line in _headline(run_dir):
+            say(line)
+        say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
+    barrier(dist)
     return run_dir
 
 

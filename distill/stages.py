@@ -32,6 +32,7 @@ from profiling.quality import binary_metrics
 from profiling.thresholds import choose_threshold
 from student.model import build_student
 from teacher.model import build_teacher, teacher_network, teacher_optimizer
+from training.distributed import SINGLE, Dist, barrier, gather_eval
 from training.engine import EvalOutput, evaluate, precision_for
 from training.loop import FitResult, fit
 from training.modeling import Classifier, create_network, is_finished, load_meta, load_weights, save_artifact
@@ -48,6 +49,12 @@ class Context:
     data: PreparedData
     device: torch.device
     log: Callable[[str], None] = print
+    dist: Dist = SINGLE
+
+    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None):
+        """This process's loader: under torchrun, its shard of every batch (``batch_size`` is global)."""
+        return self.data.loader(split, size, self.dist.shard_batch(batch_size), train=train, views=views,
+                                num_replicas=self.dist.world, rank=self.dist.rank)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -88,9 +95,9 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
     cfg = ctx.cfg
     precision = precision_for(ctx.device, True)
     model.to(ctx.device).eval()
-    outputs = {sp: evaluate(model, ctx.data.loader(sp, model.img_size, 64), device=ctx.device, precision=precision,
-                            desc=f"{stage_dir.name} predict {sp}") for sp in SPLITS}
-    atomic_write_text(stage_dir / PREDICTIONS, predictions_csv(outputs, ctx.data))
+    outputs = {sp: gather_eval(evaluate(model, ctx.loader(sp, model.img_size, 64), device=ctx.device,
+                                        precision=precision, desc=f"{stage_dir.name} predict {sp}"), ctx.dist)
+               for sp in SPLITS}
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     metrics = {sp: binary_metrics(out.probs, out.labels, choice.threshold) for sp, out in outputs.items()}
     meta = {
@@ -106,7 +113,10 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
         "class_names": list(CLASS_NAMES),
         **(extra_meta or {}),
     }
-    save_artifact(stage_dir, model.cpu(), meta)
+    if ctx.dist.is_main:
+        atomic_write_text(stage_dir / PREDICTIONS, predictions_csv(outputs, ctx.data))
+        save_artifact(stage_dir, model.cpu(), meta)
+    barrier(ctx.dist)
     test = metrics["test"]
     ctx.log(f"[{stage_dir.name}] test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}  recall {test['recall']:.4f}  "
             f"at threshold {choice.threshold:.4f} ({cfg.eval.threshold} on val)")
@@ -142,15 +152,15 @@ def teacher_stage(ctx: Context) -> Classifier:
         return done
     model = build_teacher(cfg.teacher)
     weights = ctx.data.class_weights() if cfg.data.class_weighted_loss else None
-    train = ctx.data.loader("train", model.img_size, cfg.teacher.batch_size, train=True)
-    val = ctx.data.loader("val", model.img_size, 64)
+    train = ctx.loader("train", model.img_size, cfg.teacher.batch_size, train=True)
+    val = ctx.loader("val", model.img_size, 64)
     stem = ", convolutional stem" if cfg.teacher.conv_stem else ""
     ctx.log(f"[teacher] {cfg.teacher.arch}{stem} at {model.img_size} px, {_count(model):,} params, "
             f"{'pretrained' if cfg.teacher.pretrained or cfg.teacher.weights else 'from scratch'}, "
             f"{cfg.teacher.epochs} epochs on {ctx.device.type}")
     result = fit(model, ce_step(cfg.teacher.label_smoothing, weights), train, val, cfg.teacher, stage_dir,
                  device=ctx.device, optimizer_factory=teacher_optimizer(cfg.teacher), name="teacher",
-                 config=stage_cfg, log=ctx.log)
+                 config=stage_cfg, dist=ctx.dist, log=ctx.log)
     finish(ctx, model, stage_dir, stage_cfg, result, {"conv_stem": cfg.teacher.conv_stem})
     return model.eval()
 
@@ -168,9 +178,8 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     # One crop for both models, at the larger of their sizes; each resizes it to its own.
     size = max(student.img_size, teacher.img_size) if teacher is not None else student.img_size
     cached = teacher is not None and cfg.distill.teacher_outputs == "cached"
-    train = ctx.data.loader("train", size, cfg.student.batch_size, train=True,
-                            views=cfg.distill.cache_views if cached else None)
-    val = ctx.data.loader("val", student.img_size, 64)
+    train = ctx.loader("train", size, cfg.student.batch_size, train=True, views=cfg.distill.cache_views if cached else None)
+    val = ctx.loader("val", student.img_size, 64)
     if teacher is None:
         return train, val, StudentTrainee, ce_step(cfg.student.label_smoothing, weights), "from scratch"
     teacher.to(ctx.device)
@@ -201,7 +210,7 @@ def _student_run(ctx: Context, stage: str, teacher: Classifier | None) -> Classi
     train, val, trainee_of, step, what = student_run_parts(ctx, student, teacher, stage_dir)
     ctx.log(f"[{stage}] {cfg.student.arch} at {student.img_size} px, {_count(student):,} params, {what}")
     result = fit(trainee_of(student), step, train, val, cfg.student, stage_dir, device=ctx.device,
-                 eval_model=student, channels_last=True, name=stage, config=stage_cfg, log=ctx.log)
+                 eval_model=student, channels_last=True, name=stage, config=stage_cfg, dist=ctx.dist, log=ctx.log)
     finish(ctx, student, stage_dir, stage_cfg, result,
            {"distilled_from": "teacher" if teacher is not None else None})
     return student.eval()
@@ -222,8 +231,9 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
             f"{len(train_loader.dataset)} training images")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
                                 batch_size=64, precision=precision_for(ctx.device, True))
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    cache.save(path, key)
+    if ctx.dist.is_main:  # under torchrun every rank computes the same cache; one writes it
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        cache.save(path, key)
     return cache
 
 

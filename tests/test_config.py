@@ -37,6 +37,14 @@ def test_overrides_convert_types(tmp_path: Path) -> None:
     assert cfg.teacher.img_size is None and cfg.distill.baseline is True
 
 
+def test_path_overrides_stay_verbatim(tmp_path: Path) -> None:
+    p = _write(tmp_path, "")
+    cfg = load_config(p, ["data.path=/drive/line 1 #2/data.yaml", "teacher.weights=yes", "data.group_by=^(a: b)"])
+    assert cfg.data.path == "/drive/line 1 #2/data.yaml"
+    assert cfg.teacher.weights == "yes" and cfg.data.group_by == "^(a: b)"
+    assert load_config(p, ["teacher.weights=null"]).teacher.weights is None
+
+
 def test_yaml_float_without_dot_is_accepted(tmp_path: Path) -> None:
     # YAML 1.1 reads 1e-3 as a string; a learning rate written that way must still work.
     cfg = load_config(_write(tmp_path, "student:\n  lr: 1e-3\n"))

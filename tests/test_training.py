@@ -154,14 +154,19 @@ def test_malicious_pickle_checkpoint_is_never_executed(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_teacher_from_local_weights_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_teacher_from_local_weights_file(tmp_path: Path, suffix: str) -> None:
     kwargs = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
     source = create_network("vit_tiny_patch16_224", num_classes=10, img_size=64, model_kwargs=kwargs)
     from safetensors.torch import save_file
 
-    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    cfg = TeacherConfig(arch="vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"), img_size=32,
-                        model_kwargs=kwargs, drop_path=0.0)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:  # a training script's checkpoint: the weights wrapped in a dict, saved with torch.save
+        torch.save({"epoch": 3, "state_dict": source.state_dict()}, path)
+    cfg = TeacherConfig(arch="vit_tiny_patch16_224", weights=str(path), img_size=32, model_kwargs=kwargs,
+                        drop_path=0.0)
     teacher = build_teacher(cfg)
     # Same block weights; position embedding resampled from an 8x8 to a 4x4 grid; a new 2-class head.
     assert torch.equal(teacher.net.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)

@@ -7,7 +7,6 @@ reads it; a file carrying pickled objects is refused rather than executed.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,22 @@ from typing import Any
 import torch
 
 from data.errors import UserError
+from data.files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
+def _save(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file object: a full disk is then an OSError, not torch's own RuntimeError.
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file and rename; on failure the previous checkpoint stays intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: _save(state, p))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(
             f"cannot write checkpoint '{path}': {exc.strerror or exc} — free disk space or choose a writable "
             f"run.output_dir; the previous checkpoint, if any, is intact"

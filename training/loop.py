@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,11 +30,15 @@ from data.files import atomic_write, atomic_write_text
 from data.schema import changed_keys
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
+from training.distributed import SINGLE, Dist, barrier, gather_eval
 from training.engine import EvalOutput, StepFn, evaluate, precision_for, train_one_epoch
 
 __all__ = ["fit", "FitResult", "val_metrics", "CHECKPOINT", "BEST"]
 
 CHECKPOINT, BEST = "last.ckpt", "best.safetensors"
+
+# timm warns when a cosine schedule is one step long (a one-epoch smoke run): expected, not news.
+logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -118,7 +123,7 @@ def fit(
     channels_last: bool = False,
     name: str = "train",
     config: dict[str, Any] | None = None,
-    is_main: bool = True,
+    dist: Dist = SINGLE,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train ``model`` with ``step`` for ``cfg.epochs``, keeping the best epoch by ``cfg.monitor``.
@@ -126,7 +131,11 @@ def fit(
     ``eval_model`` (default: ``model``) is what validation runs and what the best weights are
     taken from; ``model`` may hold more (a feature projector the loss trains). On return,
     ``eval_model`` holds the best epoch's weights (its EMA weights when ``cfg.ema``).
+
+    Under torchrun (``dist.active``) the model is wrapped in DistributedDataParallel, validation
+    outputs are gathered from all ranks, and only rank 0 writes files.
     """
+    is_main = dist.is_main
     eval_model = eval_model if eval_model is not None else model
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, best_path = stage_dir / CHECKPOINT, stage_dir / BEST
@@ -149,6 +158,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if precision.scaler else None
     ema = ModelEmaV3(eval_model, decay=cfg.ema_decay) if cfg.ema else None
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = model
+    if dist.active:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     start, history, best_score, best_epoch, bad_epochs, resumed_at = 0, [], math.nan, 0, 0, None
     if ckpt_path.is_file():
@@ -180,13 +193,13 @@ def fit(
                 train_loader.sampler.set_epoch(epoch)
             row: dict[str, float] = {"epoch": epoch + 1}
             row |= train_one_epoch(
-                model, step, train_loader, optimizer, scheduler, device=device, precision=precision, scaler=scaler,
+                trained, step, train_loader, optimizer, scheduler, device=device, precision=precision, scaler=scaler,
                 ema=ema, ema_source=eval_model, grad_clip=cfg.grad_clip, epoch=epoch, updates_done=epoch * steps,
                 desc=f"{name} {epoch + 1}/{cfg.epochs}", channels_last=channels_last, params=params,
             )
             judged = ema.module if ema is not None else eval_model
-            row |= val_metrics(evaluate(judged, val_loader, device=device, precision=precision,
-                                        desc=f"{name} val", channels_last=channels_last))
+            row |= val_metrics(gather_eval(evaluate(judged, val_loader, device=device, precision=precision,
+                                                    desc=f"{name} val", channels_last=channels_last), dist))
             score = row[cfg.monitor]
             if _improved(score, best_score, cfg.monitor):
                 best_score, best_epoch, bad_epochs = score, epoch + 1, 0
@@ -208,6 +221,7 @@ def fit(
                     "epoch": epoch + 1, "history": history, "best_score": best_score, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "config": json.dumps(config, default=str) if config is not None else None,
                 }, ckpt_path)
+            barrier(dist)  # no rank runs ahead of the checkpoint it would resume from
             log(f"[{name}] epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                 f"val_loss {row['val_loss']:.4f}  val_auroc {row['val_auroc']:.4f}  val_f1 {row['val_f1']:.4f}  "
                 f"({row['train_images_per_s']:.0f} img/s)" + ("  *best" if best_epoch == epoch + 1 else ""))
@@ -219,6 +233,7 @@ def fit(
     finally:
         if writer is not None:
             writer.close()
+    barrier(dist)  # rank 0 has written the best weights
     if best_path.is_file():
         eval_model.load_state_dict(load_file(str(best_path)))
     return FitResult(best_epoch, best_score, history, stopped_early, resumed_at)

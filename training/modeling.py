@@ -106,14 +106,36 @@ def load_weights(net: nn.Module, stage_dir: Path) -> nn.Module:
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
-def _unknown_arch(arch: str, key: str) -> UserError:
+def check_arch(arch: str, key: str) -> None:
+    """An unknown timm architecture is an error with the closest names timm knows."""
     import difflib
 
     import timm
 
+    if timm.is_model(arch):
+        return
     close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models() for the names"
-    return UserError(f"unknown timm architecture '{arch}' ({key}){hint}")
+    raise UserError(f"unknown timm architecture '{arch}' ({key}){hint}")
+
+
+def _read_weights(path: Path, section: str) -> dict[str, torch.Tensor]:
+    """A local weights file as a state dict, never unpickling code: safetensors, or
+    ``torch.load(weights_only=True)`` (whatever timm version is installed)."""
+    if path.suffix.lower() == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for damage
+        raise UserError(f"{section}.weights: '{path}' cannot be loaded safely ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); save it as .safetensors") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # common training-script wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{section}.weights: '{path}' holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def create_network(arch: str, *, pretrained: bool = False, weights: str | None = None, img_size: int | None = None,
@@ -128,8 +150,7 @@ def create_network(arch: str, *, pretrained: bool = False, weights: str | None =
     import timm
 
     section = key.rsplit(".", 1)[0]
-    if not timm.is_model(arch):
-        raise _unknown_arch(arch, key)
+    check_arch(arch, key)
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
@@ -139,7 +160,10 @@ def create_network(arch: str, *, pretrained: bool = False, weights: str | None =
             raise UserError(f"{section}.weights: file '{path}' does not exist")
         if path.suffix.lower() not in _WEIGHT_SUFFIXES:
             raise UserError(f"{section}.weights: '{path.name}' is not a weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path), "custom_load": path.suffix.lower() == ".npz"}
+        if path.suffix.lower() == ".npz":  # big_vision's format: timm's ViT reads it with numpy (no pickle)
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path), "custom_load": True}
+        else:  # a state dict, adapted by timm (head dropped, position embedding resampled) as hub weights are
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": _read_weights(path, section)}
         pretrained = True
     try:
         if img_size is not None and "img_size" not in kwargs:
