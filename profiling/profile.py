@@ -92,6 +92,10 @@ def load_model_dir(stage_dir: Path, export_dir: Path | None = None) -> ModelEntr
     if not meta_path.is_file() or not weights.is_file():
         raise UserError(f"'{stage_dir}' is not a finished model directory (needs meta.json and model.safetensors)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("conv_stem"):
+        onnx = (export_dir or stage_dir.parent / "export") / f"{stage_dir.name}.onnx"
+        raise UserError(f"'{stage_dir}' is a ViT with the project's convolutional stem, which profiling rebuilds "
+                        f"only from its ONNX export: profile '{onnx}' instead")
     size = int(meta["img_size"])
     net = _timm_network(meta["arch"], size, meta.get("model_kwargs"))
     if meta.get("pruning"):

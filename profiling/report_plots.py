@@ -2,15 +2,19 @@
 
 The images of the worst test errors come from the data layer exactly as the models saw them
 (the same decoding, crop and resize; synthetic beads re-rendered from their seed), at a size a
-person can inspect.
+person can inspect, with the deployed model's Grad-CAM heatmap for *defect* drawn over them.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from data.config import DataConfig
 from data.errors import UserError
@@ -50,9 +54,37 @@ def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE
     return out
 
 
+def _with_gradcam(files: RunFiles, model: str, images: list[np.ndarray | None]) -> list[np.ndarray | None] | None:
+    """The images with the model's Grad-CAM for *defect* drawn over them; None when the PyTorch
+    model cannot be opened (an int8 model is explained by the fp32 model it was quantised from)."""
+    from profiling.explain import gradcam, overlay
+    from profiling.profile import load_model_dir
+
+    stage_dir = files.run_dir / model.removesuffix("_int8")
+    try:
+        entry = load_model_dir(stage_dir)
+        meta = json.loads((stage_dir / "meta.json").read_text(encoding="utf-8"))
+    except (UserError, OSError, KeyError, ValueError):
+        return None
+    present = [i for i, img in enumerate(images) if img is not None]
+    if not present:
+        return images
+    batch = torch.stack([torch.from_numpy(images[i]).permute(2, 0, 1).float() for i in present])
+    batch = F.interpolate(batch, size=(entry.img_size, entry.img_size), mode="bilinear", antialias=True)
+    mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a one-cell map on tiny test images: drawn anyway
+        cams = gradcam(entry.net, (batch - mean) / std)
+    out = list(images)
+    for i, cam in zip(present, cams):
+        out[i] = overlay((np.clip(images[i], 0, 1) * 255).astype(np.uint8), cam)
+    return out
+
+
 def _worst(files: RunFiles, model: str, threshold: float) -> dict[str, list[tuple[np.ndarray | None, str]]]:
     """The deployed model's worst false negatives (lowest-scored defects below the threshold) and
-    worst false positives (highest-scored normals at or above it) on test."""
+    worst false positives (highest-scored normals at or above it) on test, with its Grad-CAM
+    heatmap for the defect class where the PyTorch model can be opened."""
     test = files.models[model].splits["test"]
     called = test.probs >= threshold
     fn = [i for i in np.argsort(test.probs, kind="stable") if test.labels[i] == 1 and not called[i]]
@@ -61,6 +93,7 @@ def _worst(files: RunFiles, model: str, threshold: float) -> dict[str, list[tupl
     for label, picked in (("missed defects (false negatives)", fn[:ERRORS_SHOWN]),
                           ("false alarms (false positives)", fp[:ERRORS_SHOWN])):
         images = load_images(files, [(test.paths[i], int(test.labels[i])) for i in picked])
+        images = _with_gradcam(files, model, images) or images
         rows[label] = [(img, f"p={test.probs[i]:.3f}\n{Path(test.paths[i]).name[:18]}")
                        for img, i in zip(images, picked)]
     return rows
@@ -99,7 +132,8 @@ def write_plots(files: RunFiles, report: dict[str, Any]) -> list[Path]:
         limit = (c.get("set") or {}).get("max_latency_ms")
         written.append(plots.pareto(points, xlabel, out / "pareto.png", deployed=deployed, max_latency=limit))
     if deployed is not None:
-        title = f"{deployed} on test, threshold {rows[deployed]['threshold']:.3g}: worst errors with their scores"
+        title = (f"{deployed} on test, threshold {rows[deployed]['threshold']:.3g}: worst errors with their scores "
+                 "and Grad-CAM for 'defect'")
         written.append(plots.error_grid(_worst(files, deployed, rows[deployed]["threshold"]), title,
                                         out / "errors.png"))
     for stale in ("pareto.png", "errors.png"):  # from an earlier rendering that could still draw them
