@@ -8,10 +8,36 @@ It lives in ``data/`` because that is the lowest room: every other package may i
 
 from __future__ import annotations
 
-__all__ = ["UserError", "EXIT_USER_ERROR"]
+import sys
+from collections.abc import Callable
+
+__all__ = ["UserError", "EXIT_USER_ERROR", "run_cli"]
 
 EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
     """A mistake in the user's input; the message says where it is and how to fix it."""
+
+
+def run_cli(body: Callable[[], int | None], *, debug: bool, io_hint: str = "free disk space or fix the path",
+            on_interrupt: str = "interrupted") -> int:
+    """Run a command's body as every entry point of the project does: a :class:`UserError`, or a
+    file that cannot be read or written (a full disk, a missing folder), becomes one line on
+    stderr and exit status 2; the traceback only with ``debug``. Ctrl-C exits 130."""
+    try:
+        return body() or 0
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"error: cannot read or write {where}{exc.strerror or exc}; {io_hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(on_interrupt, file=sys.stderr)
+        return 130

@@ -6,12 +6,14 @@ Every file the pipeline writes goes through :func:`atomic_write`. The temporary 
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "is_partial"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_rows", "is_partial"]
 
 
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -44,6 +46,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV with a header of every key that appears in ``rows`` (in order of first appearance)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def is_partial(path: Path) -> bool:

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import io
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.config import DEFECT_TYPES, SyntheticConfig
-from data.errors import EXIT_USER_ERROR, UserError
+from data.errors import UserError, run_cli
 
 __all__ = ["VIEWS", "Bead", "main", "render", "render_sample", "write_dataset", "write_grid"]
 
@@ -640,21 +639,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
-        if args.grid:
-            write_grid(args.grid, (args.view,) if args.view else VIEWS, args.size, args.seed)
-            print(f"wrote {args.grid}")
-            return 0
-        if args.out is None or args.num_images is None or args.format is None:
-            raise UserError("give OUT, --num-images N and --format yolo|folder (or --grid PATH)")
-        counts = write_dataset(args.out, args.num_images, args.format, size=args.size, view=args.view or "segment",
-                               defect_ratio=args.defect_ratio, severity=tuple(args.severity), seed=args.seed,
-                               split=tuple(args.split), ext=args.ext, overwrite=args.overwrite)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_cli(lambda: _write(args), debug=args.debug)
+
+
+def _write(args: argparse.Namespace) -> int:
+    if args.grid:
+        write_grid(args.grid, (args.view,) if args.view else VIEWS, args.size, args.seed)
+        print(f"wrote {args.grid}")
+        return 0
+    if args.out is None or args.num_images is None or args.format is None:
+        raise UserError("give OUT, --num-images N and --format yolo|folder (or --grid PATH)")
+    counts = write_dataset(args.out, args.num_images, args.format, size=args.size, view=args.view or "segment",
+                           defect_ratio=args.defect_ratio, severity=tuple(args.severity), seed=args.seed,
+                           split=tuple(args.split), ext=args.ext, overwrite=args.overwrite)
     total = {c: sum(v[c] for v in counts.values()) for c in ("normal", "defect")}
     print(f"wrote {args.num_images} {args.view or 'segment'} images ({total['defect']} defect, "
           f"{total['normal']} normal) at {args.size} px to {args.out} in {args.format} format")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data.files import atomic_write, atomic_write_text
+from data.files import atomic_write, atomic_write_rows, atomic_write_text
 from data.schema import to_dict
 from distill.stages import (PREDICTIONS, Context, predictions_csv, skip_if_finished, student_run_parts, finish,
                             load_model)
@@ -36,17 +35,6 @@ from training.loop import fit
 from training.modeling import Classifier, is_finished, load_meta
 
 __all__ = ["prune_stage", "export_stage"]
-
-
-def _write_rounds_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Classifier:
@@ -92,7 +80,7 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
                      log=ctx.log)
         model.cpu()
     if ctx.dist.is_main:
-        _write_rounds_csv(_round_rows(stage_dir, pruner.rounds), stage_dir / "metrics.csv")
+        atomic_write_rows(stage_dir / "metrics.csv", _round_rows(stage_dir, pruner.rounds))
     structure = pruner.structure()
     finish(ctx, model, stage_dir, stage_cfg, result,
            {"pruning": structure, "cost": {"macs_unpruned": structure["macs"][0], "macs": structure["macs"][1],

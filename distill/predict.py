@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data import DEFECT, NORMAL
-from data.errors import EXIT_USER_ERROR, UserError
+from data.errors import UserError, run_cli
 from data.images import BadImage, open_rgb, square
 from data.files import atomic_write_text
 from data.yolo import IMAGE_EXTENSIONS
@@ -440,17 +440,11 @@ def _run(args: argparse.Namespace) -> list[Prediction]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
+
+    def body() -> None:
         _run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from data.errors import EXIT_USER_ERROR, UserError
+from data.errors import UserError, run_cli
 from data.files import is_partial
 from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
@@ -192,7 +191,8 @@ def _headline(run_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
+
+    def body() -> None:
         stages = _stage_list(args.stages, "--stages")
         force = _stage_list(",".join(args.force), "--force") if args.force else []
         cfg = load_config(args.config, args.overrides)
@@ -200,22 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
             run(cfg, stages, force)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as exc:  # disk full, permissions: the message names the file
-        if args.debug:
-            raise
-        where = f"'{exc.filename}': " if exc.filename else ""
-        print(f"error: cannot read or write {where}{exc.strerror or exc}. Free disk space or fix the path; "
-              "finished stages and the last checkpoint are kept, so rerunning resumes", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, debug=args.debug, on_interrupt="interrupted: rerun the same command to resume",
+                   io_hint="free disk space or fix the path; finished stages and the last checkpoint are kept, "
+                           "so rerunning resumes")
 
 
 if __name__ == "__main__":

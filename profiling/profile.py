@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from data.errors import EXIT_USER_ERROR, UserError
+from data.errors import UserError, run_cli
 from profiling.config import RUNTIME_NAMES
 from profiling.latency import matmul_peak_gflops
 from profiling.machine import machine_info, usable_cores
@@ -169,20 +168,18 @@ def _print_table(result: dict[str, Any], model: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
-        if min(args.batch_sizes) < 1 or (args.threads is not None and args.threads < 1) or args.runs < 1:
-            raise UserError("--batch-sizes, --threads and --runs must be >= 1")
-        entry = _entry(args.model, args.img_size)
-        threads = args.threads or usable_cores()
-        peak = matmul_peak_gflops(threads)
-        result = profile_model(entry, runtimes=args.runtimes, batch_sizes=sorted(set(args.batch_sizes)),
-                               threads=threads, warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy,
-                               peak_memory=not args.no_memory, peak_gflops=peak)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_cli(lambda: _profile(args), debug=args.debug)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    if min(args.batch_sizes) < 1 or (args.threads is not None and args.threads < 1) or args.runs < 1:
+        raise UserError("--batch-sizes, --threads and --runs must be >= 1")
+    entry = _entry(args.model, args.img_size)
+    threads = args.threads or usable_cores()
+    peak = matmul_peak_gflops(threads)
+    result = profile_model(entry, runtimes=args.runtimes, batch_sizes=sorted(set(args.batch_sizes)),
+                           threads=threads, warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy,
+                           peak_memory=not args.no_memory, peak_gflops=peak)
     machine = machine_info()
     _print_table(result, args.model)
     print(f"  limit: fp32 matmul {peak:.1f} GFLOP/s with {threads} thread(s); ideal = 2 x MACs x batch / peak")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data.errors import EXIT_USER_ERROR, UserError
+from data.errors import UserError, run_cli
 from data.files import atomic_write_text
 from profiling.constraints import choose_deployed
 from profiling.measure import ModelEntry, measure
@@ -268,21 +268,19 @@ def _remeasure(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
+
+    def body() -> int:
         if args.measure:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
                 warnings.showwarning = _one_line  # busy-CPU warnings as distill.run prints them
                 _remeasure(Path(args.run))
         report = build_report(args.run, plots=not args.no_plots)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    print(report["verdict"])
-    print(f"written: {Path(args.run) / 'report.md'}, report.json and {len(report['plots'])} plot(s)")
-    return 1 if args.check and not report["constraints"]["passed"] else 0
+        print(report["verdict"])
+        print(f"written: {Path(args.run) / 'report.md'}, report.json and {len(report['plots'])} plot(s)")
+        return 1 if args.check and not report["constraints"]["passed"] else 0
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from data.schema import FieldError
-from training.config import TrainConfig
+from training.config import ModelConfig, TrainConfig
 
 __all__ = ["StudentConfig", "PruneConfig", "ExportConfig"]
 
 
 @dataclass(frozen=True)
-class StudentConfig(TrainConfig):
+class StudentConfig(ModelConfig):
     """A small timm CNN (MobileNetV3, EfficientNet) distilled from the teacher."""
 
     arch: str = "mobilenetv3_large_100"
-    pretrained: bool = True
-    weights: str | None = None
-    img_size: int | None = None
-    drop_path: float = 0.0
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.img_size is not None and self.img_size < 16:
-            raise FieldError("img_size", f"must be >= 16 or null, got {self.img_size}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise FieldError("drop_path", f"must be in [0, 1), got {self.drop_path}")
 
 
 @dataclass(frozen=True)

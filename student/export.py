@@ -12,7 +12,6 @@ Every file is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -30,24 +29,13 @@ from torch import nn
 
 from data import DEFECT
 from data.errors import UserError
+from training.modeling import eval_mode
 from data.files import atomic_write
 
 __all__ = ["INPUT", "OUTPUT", "export_onnx", "onnx_logits", "onnx_session", "update_metadata", "quantize_int8",
            "read_metadata", "verify_onnx"]
 
 INPUT, OUTPUT = "input", "logits"
-
-
-@contextlib.contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """Eval mode for a while; each module's own train/eval flag is restored afterwards."""
-    modes = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _finish(model: onnx.ModelProto, path: Path, metadata: dict[str, Any]) -> Path:
@@ -75,7 +63,7 @@ def export_onnx(net: nn.Module, path: str | os.PathLike[str], img_size: int, *, 
     # Batch 2, not 1: torch.export specialises a dimension of size 1 to a constant.
     example = torch.zeros(2, 3, img_size, img_size, device=param.device, dtype=param.dtype)
     names = {"input_names": [INPUT], "output_names": [OUTPUT]}
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp, _eval_mode(net):
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp, eval_mode(net):
         raw = Path(tmp) / "raw.onnx"
         if dynamo:
             torch.onnx.export(net, (example,), str(raw), dynamo=True, opset_version=opset, external_data=False,
@@ -167,7 +155,7 @@ def verify_onnx(path: str | os.PathLike[str], net: nn.Module, images: torch.Tens
     session = onnx_session(path)
     device = next(net.parameters()).device
     torch_logits, onnx_out = [], []
-    with _eval_mode(net), torch.no_grad():
+    with eval_mode(net), torch.no_grad():
         for chunk in images.split(batch_size):
             torch_logits.append(net(chunk.to(device)).float().cpu().numpy())
             onnx_out.append(onnx_logits(session, chunk.cpu().numpy()))

@@ -38,6 +38,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from data.errors import UserError
+from training.modeling import eval_mode
 from student.config import PruneConfig
 
 __all__ = ["IMPORTANCES", "StudentPruner", "cost", "feature_dim", "prune_channels", "rebuild_pruned"]
@@ -67,22 +68,10 @@ def _se_classes() -> tuple[type[nn.Module], ...]:
 
 
 @contextlib.contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """Eval mode for a while; each module's own train/eval flag (a frozen BatchNorm, say) is restored."""
-    modes = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-@contextlib.contextmanager
 def _traced(net: nn.Module) -> Iterator[None]:
     """Eval mode (tracing must not update BatchNorm statistics) with autograd on (torch-pruning
     traces the graph through ``grad_fn``)."""
-    with _eval_mode(net), torch.enable_grad():
+    with eval_mode(net), torch.enable_grad():
         yield
 
 
@@ -105,7 +94,7 @@ def feature_dim(net: nn.Module, example: Tensor, *, pre_logits: bool = False) ->
     """Channels of a real ``forward_features`` call (or, with ``pre_logits``, the width the
     classifier takes, from ``forward_head(pre_logits=True)``): ``num_features`` is stale after
     pruning. CNN maps (B, C, H, W) give C, token sequences (B, N, C) and vectors give the last dim."""
-    with _eval_mode(net):
+    with eval_mode(net):
         out = net.forward_features(_on_device(net, example))
         if pre_logits:
             out = net.forward_head(out, pre_logits=True)

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from data.schema import FieldError
-from training.config import TrainConfig
+from training.config import ModelConfig
 
 __all__ = ["TeacherConfig"]
 
 
 @dataclass(frozen=True)
-class TeacherConfig(TrainConfig):
+class TeacherConfig(ModelConfig):
     """A timm ViT fine-tuned on the inspection images (plus the loop settings of TrainConfig)."""
 
     arch: str = "vit_small_patch16_224"
-    #: Load the hub weights through timm (needs network, e.g. on Colab).
-    pretrained: bool = True
-    #: A local weights file (.safetensors/.pth/.bin/.npz) used instead of the hub.
-    weights: str | None = None
-    #: Input size; None keeps the architecture's own. A ViT resamples its position embedding.
-    img_size: int | None = None
     drop_path: float = 0.1
     #: Layer-wise learning-rate decay for a pretrained ViT (None: off).
     layer_decay: float | None = 0.75
@@ -29,17 +22,11 @@ class TeacherConfig(TrainConfig):
     #: convolutions help transformers see better"): trains from scratch far more easily. Only for
     #: teachers trained from scratch (pretrained weights expect the patchify stem).
     conv_stem: bool = False
-    #: Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for a small ViT).
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 5e-4
     epochs: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.img_size is not None and self.img_size < 16:
-            raise FieldError("img_size", f"must be >= 16 or null, got {self.img_size}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise FieldError("drop_path", f"must be in [0, 1), got {self.drop_path}")
         if self.conv_stem and (self.pretrained or self.weights):
             raise FieldError("conv_stem", "is for a teacher trained from scratch; set teacher.pretrained=false "
                                           "and no teacher.weights, or teacher.conv_stem=false")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from data.schema import FieldError
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "ModelConfig"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,26 @@ class TrainConfig:
             raise FieldError("patience", f"must be >= 1 or null, got {self.patience}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise FieldError("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(TrainConfig):
+    """A timm model to train (teacher or student): which one, which weights, at what size."""
+
+    arch: str = "resnet18"
+    #: Load the hub weights through timm (needs network, e.g. on Colab).
+    pretrained: bool = True
+    #: A local weights file (.safetensors/.pth/.bin/.npz) used instead of the hub.
+    weights: str | None = None
+    #: Input size; None keeps the architecture's own. A ViT resamples its position embedding.
+    img_size: int | None = None
+    drop_path: float = 0.0
+    #: Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for a small ViT).
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.img_size is not None and self.img_size < 16:
+            raise FieldError("img_size", f"must be >= 16 or null, got {self.img_size}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise FieldError("drop_path", f"must be in [0, 1), got {self.drop_path}")

@@ -7,8 +7,6 @@ ends with the same weights and metrics as a run that was never interrupted.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -26,7 +24,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from data.errors import UserError
-from data.files import atomic_write, atomic_write_text
+from data.files import atomic_write, atomic_write_rows
 from data.schema import changed_keys
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
@@ -70,17 +68,6 @@ def _improved(score: float, best: float, monitor: str) -> bool:
     if math.isnan(best):
         return True
     return score < best if monitor == "val_loss" else score > best
-
-
-def _write_metrics(history: list[dict[str, float]], path: Path) -> None:
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _save_best(module: nn.Module, path: Path) -> None:
@@ -209,7 +196,7 @@ def fit(
                 bad_epochs += 1
             history.append(row)
             if is_main:
-                _write_metrics(history, stage_dir / "metrics.csv")
+                atomic_write_rows(stage_dir / "metrics.csv", history)
                 for k, v in row.items():
                     if k != "epoch" and isinstance(v, float) and math.isfinite(v):
                         writer.add_scalar(k, v, epoch + 1)

@@ -11,7 +11,9 @@ student its channel structure). Loading never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,21 @@ from data.errors import UserError
 from data.files import atomic_write, atomic_write_text
 from data.transforms import ModelView
 
-__all__ = ["Classifier", "save_artifact", "load_meta", "load_weights", "is_finished", "ARTIFACT", "META"]
+__all__ = ["eval_mode", "Classifier", "save_artifact", "load_meta", "load_weights", "is_finished", "ARTIFACT", "META"]
 
 ARTIFACT, META = "model.safetensors", "meta.json"
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
+    """Eval mode for a while; each module's own train/eval flag (a frozen BatchNorm, say) is restored."""
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 class Classifier(nn.Module):
