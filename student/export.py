@@ -66,6 +66,11 @@ def export_onnx(net: nn.Module, path: str | os.PathLike[str], img_size: int, *, 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp, eval_mode(net):
         raw = Path(tmp) / "raw.onnx"
         if dynamo:
+            try:
+                import onnxscript  # noqa: F401  (torch imports it lazily, with a bare ModuleNotFoundError)
+            except ImportError as exc:
+                raise UserError("export.dynamo: true needs the onnxscript package: pip install onnxscript, "
+                                "or set export.dynamo=false (the legacy exporter)") from exc
             torch.onnx.export(net, (example,), str(raw), dynamo=True, opset_version=opset, external_data=False,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
         else:

@@ -9,7 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fai
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models and inputs gain nothing from a second thread; on a shared 2-core machine two threads
+# made small convolutions ~100x slower (OpenMP threads waiting on each other).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

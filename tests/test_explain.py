@@ -15,15 +15,6 @@ from profiling.explain import gradcam, overlay, target_layer
 from student.prune import prune_channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on the shared 2-core machine: a second thread only adds waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _vit(img_size, **kwargs) -> torch.nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=img_size,
                              patch_size=8, depth=2, embed_dim=32, num_heads=2, **kwargs).eval()

@@ -20,16 +20,6 @@ META = {"arch": "mobilenetv3_small_100", "threshold": 0.42, "class_names": ["nor
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny inputs gain nothing from a second thread; on the shared 2-core machine two threads
-    # made each small convolution ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A task a few steps can learn (bright = defect), so outputs differ from image to image:
     an untrained net gives ~0.5 everywhere, where int8 rounding alone decides."""
@@ -39,7 +29,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def net(_one_thread) -> torch.nn.Module:
+def net() -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=2)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -142,6 +132,13 @@ def test_dynamo_export_keeps_the_batch_dynamic(net, tmp_path):
         images, _ = _images(n, seed=200 + n)
         np.testing.assert_allclose(onnx_logits(session, images.numpy()), _torch_logits(net, images),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_export_without_onnxscript_says_how_to_fix_it(net, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # import fails as if not installed
+    with pytest.raises(UserError, match="pip install onnxscript.*export.dynamo=false"):
+        export_onnx(net, tmp_path / "dyn.onnx", SIZE, dynamo=True, metadata=META)
+    assert list(tmp_path.iterdir()) == []
 
 
 class _Broken(torch.nn.Module):

@@ -31,14 +31,6 @@ THRESHOLD = 0.8  # the stored decision threshold
 BROKEN = {"empty.jpg": "empty file", "text.jpg": "not an image", "cut.png": "truncated"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """Good images of several sizes and shapes, the broken files of BROKEN, and a non-image file."""
@@ -57,7 +49,7 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, _one_thread) -> Path:
+def run_dir(tmp_path_factory) -> Path:
     """A run with a finished student (model directory) and its ONNX export, as the pipeline leaves them."""
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)

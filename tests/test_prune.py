@@ -17,16 +17,6 @@ SIZE = 32  # the smallest input these students trace at; cost ratios barely depe
 STUDENTS = ["mobilenetv3_small_100", "mobilenetv3_large_100", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny inputs gain nothing from a second thread; on the shared 2-core machine two threads
-    # made each small convolution ~100x slower (OpenMP threads waiting on each other).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _net(arch: str = "mobilenetv3_small_100") -> torch.nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=2)
 
@@ -36,7 +26,7 @@ def _example() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def small_pruned(_one_thread) -> tuple[torch.nn.Module, StudentPruner]:
+def small_pruned() -> tuple[torch.nn.Module, StudentPruner]:
     """MobileNetV3-Small pruned to half its MACs, shared by tests that only read it."""
     net = _net()
     pruner = StudentPruner(net, _example(), PruneConfig(target={"macs": 0.5}))
