@@ -10,7 +10,7 @@ outputs be keyed by the view it was computed on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,8 +115,13 @@ class ViewSampler(Sampler):
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None,
-                 views: int | None = None, num_replicas: int = 1, rank: int = 0) -> None:
-        self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
+                 views: int | None = None, num_replicas: int = 1, rank: int = 0,
+                 subset: Sequence[int] | None = None) -> None:
+        # ``subset``: only these indices are drawn (a fraction of the labels); the indices keep
+        # their meaning in the full dataset, so view seeds and cached outputs still match.
+        self.indices = torch.arange(n) if subset is None else torch.as_tensor(sorted(subset), dtype=torch.long)
+        self.n, self.seed, self.shuffle = len(self.indices), seed, shuffle
+        self.weights = None if weights is None else weights[self.indices]
         self.views, self.num_replicas, self.rank = views, num_replicas, rank
         self.epoch = 0
 
@@ -141,7 +146,7 @@ class ViewSampler(Sampler):
             order = torch.randperm(self.n, generator=gen)
         else:
             order = torch.arange(self.n)
-        order = order.tolist()
+        order = self.indices[order].tolist()
         if self.num_replicas > 1:
             total = -(-len(order) // self.num_replicas) * self.num_replicas
             order = (order + order[: total - len(order)])[self.rank::self.num_replicas]
@@ -153,6 +158,16 @@ class ViewSampler(Sampler):
 
     def __len__(self) -> int:
         return -(-self.n // self.num_replicas)
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> list[int]:
+    """``fraction`` of the indices of each class (at least one per class), drawn with ``seed``."""
+    rng = np.random.default_rng([seed, 5])
+    keep: list[int] = []
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten().numpy()
+        keep += rng.permutation(members)[: max(1, round(fraction * len(members)))].tolist()
+    return sorted(keep)
 
 
 def default_workers() -> int:
@@ -169,13 +184,19 @@ def class_weights(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
 
 def make_loader(dataset: InspectionDataset, batch_size: int, *, train: bool, seed: int,
                 weighted: bool = False, views: int | None = None, num_workers: int | None = None,
-                num_replicas: int = 1, rank: int = 0, drop_last: bool | None = None) -> DataLoader:
-    """A DataLoader over (index, view seed) keys; evaluation loaders keep order and plain views."""
+                num_replicas: int = 1, rank: int = 0, drop_last: bool | None = None,
+                fraction: float = 1.0) -> DataLoader:
+    """A DataLoader over (index, view seed) keys; evaluation loaders keep order and plain views.
+
+    ``fraction`` < 1 (training only) draws from a stratified, seeded subset of the images.
+    """
     workers = default_workers() if num_workers is None else num_workers
     if train:
-        weights = class_weights(dataset.labels)[dataset.labels] if weighted else None
+        subset = stratified_subset(dataset.labels, fraction, seed) if fraction < 1.0 else None
+        labels = dataset.labels if subset is None else dataset.labels[subset]
+        weights = class_weights(labels)[dataset.labels] if weighted else None
         sampler: Sampler = ViewSampler(len(dataset), seed=seed, weights=weights, views=views,
-                                       num_replicas=num_replicas, rank=rank)
+                                       num_replicas=num_replicas, rank=rank, subset=subset)
     else:
         indices = list(range(len(dataset)))[rank::num_replicas]
         sampler = indices  # type: ignore[assignment]
@@ -185,6 +206,6 @@ def make_loader(dataset: InspectionDataset, batch_size: int, *, train: bool, see
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
-        drop_last=(train and len(dataset) > batch_size) if drop_last is None else drop_last,
+        drop_last=(train and len(sampler) > batch_size) if drop_last is None else drop_last,
         pin_memory=torch.cuda.is_available(),
     )

@@ -98,11 +98,11 @@ class PreparedData:
         return dataset
 
     def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
-               num_replicas: int = 1, rank: int = 0) -> DataLoader:
+               num_replicas: int = 1, rank: int = 0, fraction: float = 1.0) -> DataLoader:
         return make_loader(
             self.dataset(split, size, train=train), batch_size, train=train, seed=self.seed,
             weighted=train and self.cfg.sampler == "weighted", views=views,
-            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank,
+            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, fraction=fraction,
         )
 
 

@@ -157,7 +157,8 @@ def export_stage(ctx: Context) -> dict[str, Any]:
         model, meta = load_model(ctx.run_dir / name), load_meta(ctx.run_dir / name)
         keep = ("arch", "img_size", "mean", "std", "class_names", "threshold", "threshold_rule")
         path = export_onnx(model.net, export_dir / f"{name}.onnx", model.img_size, opset=cfg.export.opset,
-                           dynamo=cfg.export.dynamo, metadata={"model": name, **{k: meta[k] for k in keep}})
+                           dynamo=cfg.export.dynamo,
+                           metadata={"model": name, **{k: meta[k] for k in keep}, "crop_pct": cfg.data.crop_pct})
         check = verify_onnx(path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
         results["models"][name] = {"onnx": path.name, **check}
         exported[name] = (path, model, meta)

@@ -180,7 +180,7 @@ class OnnxBackend:
         except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/InvalidProtobuf types
             raise UserError(f"ONNX Runtime cannot load '{path}' ({exc}); re-export it") from None
         self.torch_dir = _pytorch_source(path, meta)
-        crop = meta.get("crop_pct")  # not in the export metadata so far: then the model's own meta.json
+        crop = meta.get("crop_pct")  # files exported before it was recorded: the model's own meta.json
         if crop is None and self.torch_dir is not None:
             crop = _crop_pct(_read_meta(self.torch_dir))
         self.recipe = _recipe(meta, path, "onnxruntime", crop)

@@ -51,10 +51,11 @@ class Context:
     log: Callable[[str], None] = print
     dist: Dist = SINGLE
 
-    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None):
+    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
+               fraction: float = 1.0):
         """This process's loader: under torchrun, its shard of every batch (``batch_size`` is global)."""
         return self.data.loader(split, size, self.dist.shard_batch(batch_size), train=train, views=views,
-                                num_replicas=self.dist.world, rank=self.dist.rank)
+                                num_replicas=self.dist.world, rank=self.dist.rank, fraction=fraction)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -178,10 +179,13 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     # One crop for both models, at the larger of their sizes; each resizes it to its own.
     size = max(student.img_size, teacher.img_size) if teacher is not None else student.img_size
     cached = teacher is not None and cfg.distill.teacher_outputs == "cached"
-    train = ctx.loader("train", size, cfg.student.batch_size, train=True, views=cfg.distill.cache_views if cached else None)
+    train = ctx.loader("train", size, cfg.student.batch_size, train=True, views=cfg.distill.cache_views if cached else None,
+                       fraction=cfg.student.train_fraction)
     val = ctx.loader("val", student.img_size, 64)
+    labels = (f", on {train.sampler.n} of {len(train.dataset)} training images (student.train_fraction)"
+              if cfg.student.train_fraction < 1.0 else "")
     if teacher is None:
-        return train, val, StudentTrainee, ce_step(cfg.student.label_smoothing, weights), "from scratch"
+        return train, val, StudentTrainee, ce_step(cfg.student.label_smoothing, weights), "from scratch" + labels
     teacher.to(ctx.device)
     cache = _teacher_cache(ctx, teacher, train) if cached else None
 
@@ -192,7 +196,7 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     step = distill_step(teacher, cfg.distill, label_smoothing=cfg.student.label_smoothing, class_weights=weights,
                         cache=cache, generator=torch.Generator().manual_seed(cfg.run.seed))
     what = (f"distilled ({cfg.distill.loss}, T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
-            f"mixup={cfg.distill.mixup}, teacher outputs {cfg.distill.teacher_outputs})")
+            f"mixup={cfg.distill.mixup}, teacher outputs {cfg.distill.teacher_outputs}){labels}")
     return train, val, trainee_of, step, what
 
 

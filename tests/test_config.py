@@ -64,6 +64,7 @@ def test_yaml_float_without_dot_is_accepted(tmp_path: Path) -> None:
         ("", ["teacher.epochs"], "must look like section.key=value"),
         ("", ["distill.mixup=0.2", "distill.teacher_outputs=cached"], "needs distill.teacher_outputs=live"),
         ("", ["prune.target={flops: 0.5}"], "'prune.target'"),
+        ("", ["student.train_fraction=0"], "'student.train_fraction' (command-line override) must be in (0, 1]"),
         ("run: [1, 2]\n", [], "'run' (c.yaml line 1) must be a mapping"),
     ],
 )

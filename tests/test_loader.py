@@ -8,7 +8,7 @@ import timm
 import torch
 
 from data.config import AugmentConfig
-from data.loader import InspectionDataset, ViewSampler, class_weights, make_loader
+from data.loader import InspectionDataset, ViewSampler, class_weights, make_loader, stratified_subset
 from data.manifest import Sample
 from data.transforms import ModelView, augment, model_view
 
@@ -77,6 +77,29 @@ def test_weighted_sampler_balances_classes() -> None:
         s.set_epoch(epoch)
         drawn += [int(labels[i]) for i, _ in s]
     assert abs(np.mean(drawn) - 0.5) < 0.05
+
+
+def test_label_fraction_is_stratified_and_keeps_the_views_of_the_full_set() -> None:
+    labels = torch.tensor([1] * 20 + [0] * 80)
+    subset = stratified_subset(labels, 0.1, seed=3)
+    assert len(subset) == 10 and int(labels[subset].sum()) == 2  # 10% of each class
+    assert stratified_subset(labels, 0.1, seed=3) == subset != stratified_subset(labels, 0.1, seed=4)
+    assert sum(labels[stratified_subset(labels, 0.01, seed=0)].tolist()) == 1  # never a class dropped
+    full, part = ViewSampler(100, seed=0, views=2), ViewSampler(100, seed=0, views=2, subset=subset)
+    for epoch in range(3):
+        full.set_epoch(epoch)
+        part.set_epoch(epoch)
+        drawn = list(part)
+        assert sorted(i for i, _ in drawn) == subset and len(part) == 10
+        assert all(v == full.view_seed(i, epoch) for i, v in drawn)  # a cached output still fits its view
+
+
+def test_loader_with_a_label_fraction_draws_only_its_subset() -> None:
+    ds = _dataset(n=40)
+    loader = make_loader(ds, 4, train=True, seed=0, num_workers=0, fraction=0.25)
+    seen = torch.cat([b[2] for b in loader]).tolist()
+    assert set(seen) <= set(stratified_subset(ds.labels, 0.25, seed=0))
+    assert len(seen) == len(set(seen)) == 8  # 10 images in batches of 4, the last partial one dropped
 
 
 def test_loader_batches_and_workers_agree() -> None:

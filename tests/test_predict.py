@@ -126,6 +126,26 @@ def test_predicts_what_the_training_view_gives(run_dir, images, tmp_path, crop_p
             assert row["decision"] == ("defect" if expected >= 0.7 else "normal")
 
 
+def test_an_onnx_file_alone_carries_its_crop(run_dir, images, tmp_path):
+    """Copied away from its run, the ONNX file still crops as in training: crop_pct is in its metadata."""
+    from distill.stages import load_model
+    from student.export import update_metadata
+
+    alone = tmp_path / "elsewhere" / "model.onnx"
+    alone.parent.mkdir()
+    shutil.copy(run_dir / "export" / "student.onnx", alone)
+    update_metadata(alone, {"crop_pct": 0.75})
+    model = load_model(run_dir / "student")
+    assert main([str(alone), str(images), "--out", str(tmp_path / "p.json")]) == 0
+    rows = [r for r in json.loads((tmp_path / "p.json").read_text())["predictions"] if r["error"] is None]
+    assert len(rows) == 5
+    for row in rows:
+        pixels = np.array(square(open_rgb(row["path"]), SIZE, 0.75))
+        with torch.no_grad():
+            expected = model(to_float(torch.from_numpy(pixels).permute(2, 0, 1))[None]).softmax(1)[0, 1].item()
+        assert row["prob_defect"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_which_model_a_run_deploys(tmp_path):
     run = tmp_path / "run"
     for name in ("student", "student_pruned"):
