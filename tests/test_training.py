@@ -199,3 +199,15 @@ def test_pick_device() -> None:
         assert pick_device("auto").type in ("cpu", "mps")
         with pytest.raises(UserError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_amp_takes_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
+    """A T4 reports bf16 'supported' through emulation; training there must use fp16 + grad scaler."""
+    from training.engine import precision_for
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    p = precision_for(torch.device("cuda"), True)
+    assert (p.dtype, p.scaler) == (torch.float16, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert precision_for(torch.device("cuda"), True).dtype == torch.bfloat16
+    assert precision_for(torch.device("cpu"), True).dtype is None

@@ -66,7 +66,8 @@ def precision_for(device: torch.device, amp: bool) -> Precision:
     """Mixed precision on CUDA only: bf16 where supported, else fp16 with a grad scaler."""
     if not amp or device.type != "cuda":
         return Precision(None, False)
-    if torch.cuda.is_bf16_supported():
+    # Native bf16 only (Ampere and later): a T4 'supports' it through emulation, slowly.
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return Precision(torch.bfloat16, False)
     return Precision(torch.float16, True)
 
