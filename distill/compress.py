@@ -48,7 +48,7 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
         return done
     model = copy.deepcopy(student).cpu().train()
     example = torch.zeros(1, 3, model.img_size, model.img_size)
-    train, val, trainee_of, step, _ = student_run_parts(ctx, model, teacher, stage_dir)
+    train, val, trainee_of, step, _ = student_run_parts(ctx, model, teacher, stage_dir, cfg.prune)
     pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train))
     ctx.log(f"[prune] {model.arch}: target {cfg.prune.target} of {pruner.macs0 / 1e6:.1f} M MACs, "
             f"{pruner.params0 / 1e6:.2f} M params, in {cfg.prune.steps} round(s), {cfg.prune.importance} importance")

@@ -33,6 +33,7 @@ from profiling.thresholds import choose_threshold
 from student.model import build_student
 from teacher.model import build_teacher, teacher_network, teacher_optimizer
 from training.distributed import SINGLE, Dist, barrier, gather_eval
+from training.config import TrainConfig
 from training.engine import EvalOutput, evaluate, precision_for
 from training.loop import FitResult, fit
 from training.modeling import Classifier, create_network, is_finished, load_meta, load_weights, save_artifact
@@ -171,21 +172,24 @@ def _count(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- student
-def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | None, stage_dir: Path):
+def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | None, stage_dir: Path,
+                      train_cfg: TrainConfig | None = None):
     """Loaders, trainee maker, step and a description for training ``student`` (distilled from
-    ``teacher``, or from scratch when it is None). Shared by the student and prune stages."""
+    ``teacher``, or from scratch when it is None). Shared by the student and prune stages;
+    ``train_cfg`` (default ``cfg.student``) gives the batch size and label smoothing."""
     cfg = ctx.cfg
+    train_cfg = train_cfg or cfg.student
     weights = ctx.data.class_weights() if cfg.data.class_weighted_loss else None
     # One crop for both models, at the larger of their sizes; each resizes it to its own.
     size = max(student.img_size, teacher.img_size) if teacher is not None else student.img_size
     cached = teacher is not None and cfg.distill.teacher_outputs == "cached"
-    train = ctx.loader("train", size, cfg.student.batch_size, train=True, views=cfg.distill.cache_views if cached else None,
+    train = ctx.loader("train", size, train_cfg.batch_size, train=True, views=cfg.distill.cache_views if cached else None,
                        fraction=cfg.student.train_fraction)
     val = ctx.loader("val", student.img_size, 64)
     labels = (f", on {train.sampler.n} of {len(train.dataset)} training images (student.train_fraction)"
               if cfg.student.train_fraction < 1.0 else "")
     if teacher is None:
-        return train, val, StudentTrainee, ce_step(cfg.student.label_smoothing, weights), "from scratch" + labels
+        return train, val, StudentTrainee, ce_step(train_cfg.label_smoothing, weights), "from scratch" + labels
     teacher.to(ctx.device)
     cache = _teacher_cache(ctx, teacher, train) if cached else None
 
@@ -193,7 +197,7 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
         # The projector is sized from the model's real features (a pruned student's are narrower).
         return StudentTrainee(model, make_projector(model, teacher) if cfg.distill.loss == "feature" else None)
 
-    step = distill_step(teacher, cfg.distill, label_smoothing=cfg.student.label_smoothing, class_weights=weights,
+    step = distill_step(teacher, cfg.distill, label_smoothing=train_cfg.label_smoothing, class_weights=weights,
                         cache=cache, generator=torch.Generator().manual_seed(cfg.run.seed))
     what = (f"distilled ({cfg.distill.loss}, T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
             f"mixup={cfg.distill.mixup}, teacher outputs {cfg.distill.teacher_outputs}){labels}")

@@ -100,3 +100,23 @@ def test_cached_step_uses_the_cache_not_the_teacher() -> None:
     step = distill_step(teacher, DistillConfig(teacher_outputs="cached"), cache=cache)
     out = step(StudentTrainee(_student()), next(iter(loader)))
     assert torch.isfinite(out["loss"]) and not calls
+
+
+def test_stage_parts_read_their_own_batch_size_and_label_fraction(tmp_path) -> None:
+    """The prune stage trains with prune.batch_size (not the student's); both see student.train_fraction."""
+    from data.prepare import prepare_data
+    from distill.config import load_config
+    from distill.stages import Context, student_run_parts
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  source: synthetic\n  synthetic: {image_size: 32, num_train: 40, num_val: 10, "
+                        "num_test: 10, defect_ratio: 0.25}\n", encoding="utf-8")
+    cfg = load_config(cfg_file, ["student.batch_size=16", "prune.batch_size=4", "student.train_fraction=0.5"])
+    data = prepare_data(cfg.data, tmp_path / "run" / "data", 0)
+    ctx = Context(cfg, tmp_path / "run", data, CPU, log=lambda _: None)
+    student = _student()
+    train, *_ = student_run_parts(ctx, student, None, tmp_path / "run" / "student")
+    pruned_train, *_, what = student_run_parts(ctx, student, None, tmp_path / "run" / "p", cfg.prune)
+    assert (train.batch_size, pruned_train.batch_size) == (16, 4)
+    assert train.sampler.n == pruned_train.sampler.n == 20 and "on 20 of 40 training images" in what
+    assert int(train.dataset.labels[train.sampler.indices].sum()) == 5  # stratified: half of the 10 defects
