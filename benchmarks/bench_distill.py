@@ -1,6 +1,6 @@
 """Where does distillation help? Students trained from scratch vs distilled, at equal epochs, over seeds.
 
-    python -m benchmarks.bench_distill [--quick] [--seeds 0,1,2] [--epochs 10]
+    python -m benchmarks.bench_distill [--quick] [--seeds 0,1,2] [--epochs N]
 
 On the quickstart's synthetic data (``configs/quickstart.yaml``) and at a harder defect severity,
 one teacher is trained per severity (the dataset and the teacher are fixed; each seed changes the
@@ -66,7 +66,8 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, measures nothing")
     p.add_argument("--seeds", default="0,1,2", help="student seeds (default 0,1,2)")
-    p.add_argument("--epochs", type=int, default=10, help="student epochs, the same for every method (default 10)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="student epochs, the same for every method (default: the quickstart's student.epochs)")
     p.add_argument("--hard-severity", default="0.35,0.6", help="defect severity range of the harder run")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
     return p.parse_args()
@@ -177,7 +178,7 @@ def main() -> int:
     args = _args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     hard = tuple(float(x) for x in args.hard_severity.split(","))
-    epochs = args.epochs
+    epochs = args.epochs or load_config(CONFIG).student.epochs
     if args.quick:
         seeds, epochs = seeds[:2], 1
     root = OUT / ("bench_distill_quick" if args.quick else "bench_distill")

@@ -8,8 +8,8 @@
 # 2. runs configs/vit_to_mbv3.yaml on synthetic images at 224 px (rendered once, fresh=false: rendering new ones
 #    every epoch would make the CPU the bottleneck), 2 epochs per model, weights from scratch
 #    (pretrained=false: the GPU machine may have no internet), stages data..export, mixed precision on
-#    (training/engine.py: precision_for picks bf16 where torch.cuda.is_bf16_supported(), which also counts
-#    emulated bf16 such as a T4's, else fp16 with a grad scaler; step 4 says which it was);
+#    (training/engine.py: precision_for picks bf16 where the GPU has it natively, else fp16 with a grad
+#    scaler, as on a T4; step 4 says which it was);
 #    meant to take under 8 minutes on a T4 or an H100;
 # 3. runs the report stage, which measures params, MACs and latency of every model on
 #    profile.runtimes = eager, onnx, onnx_int8 (CPU) and cuda_fp16, cuda_bf16 (GPU, autocast) at batch 1 and 32;
@@ -112,9 +112,8 @@ report = json.loads((run_dir / "report.json").read_text())
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 if gpu is None:
     amp = "off (no GPU)"
-elif torch.cuda.is_bf16_supported():  # the test training/engine.py: precision_for makes
-    amp = "bf16 autocast" + ("" if torch.cuda.is_bf16_supported(including_emulation=False)
-                             else " (emulated: this GPU has no native bf16)")
+elif torch.cuda.is_bf16_supported(including_emulation=False):  # the test training/engine.py: precision_for makes
+    amp = "bf16 autocast"
 else:
     amp = "fp16 autocast + grad scaler"
 

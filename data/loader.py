@@ -48,10 +48,18 @@ def synthetic_pixels(sample: Sample, cfg: SyntheticConfig, run_seed: int, varian
     """Render one synthetic bead (uint8 HWC) at ``size``."""
     from data.synth import render_sample
 
-    image = render_sample(synthetic_seed(run_seed, sample, variant), sample.label, cfg).image
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return image
+    return resize_rendered(render_sample(synthetic_seed(run_seed, sample, variant), sample.label, cfg).image, size)
+
+
+def resize_rendered(image: np.ndarray, size: int) -> np.ndarray:
+    """A bead rendered at ``synthetic.image_size``, at a model's ``size`` (bicubic; itself when equal).
+
+    The only way a render changes size, so a render kept at its own size and resized later is
+    pixel for pixel what rendering at ``size`` gives.
+    """
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 class InspectionDataset(Dataset):
@@ -74,6 +82,7 @@ class InspectionDataset(Dataset):
         self.pixels = pixels
         self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         self._variants: dict[tuple[int, int], np.ndarray] = {}  # rendered beads, with synthetic.variants
+        self._native_variants: dict[tuple[int, int], np.ndarray] | None = None  # the same at the render size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -88,7 +97,15 @@ class InspectionDataset(Dataset):
                 return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, self.size)
             key = (index, view_seed % count + 1)
             if key not in self._variants:
-                self._variants[key] = synthetic_pixels(sample, self.synthetic, self.run_seed, key[1], self.size)
+                # Rendered once at the renderer's own size (kept for every stage), resized per model size.
+                native = self._native_variants
+                if native is None or key not in native:
+                    image = synthetic_pixels(sample, self.synthetic, self.run_seed, key[1], self.synthetic.image_size)
+                    if native is not None:
+                        native[key] = image
+                else:
+                    image = native[key]
+                self._variants[key] = resize_rendered(image, self.size)
             return self._variants[key]
         if self.pixels is not None:
             return self.pixels[index]

@@ -21,7 +21,7 @@ from data.dedup import cross_split_duplicates
 from data.errors import UserError
 from data.folder import read_folder
 from data.images import phash_bits, scan_images, thumbnail
-from data.loader import InspectionDataset, class_weights, make_loader, synthetic_pixels
+from data.loader import InspectionDataset, class_weights, make_loader, resize_rendered, synthetic_pixels
 from data.files import atomic_write_text
 from data.manifest import SPLITS, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
 from data.schema import changed_keys, to_dict
@@ -71,7 +71,12 @@ class PreparedData:
                 return None
         if size not in self._pixels:
             if synthetic:
-                self._pixels[size] = [synthetic_pixels(s, self.cfg.synthetic, self.seed, 0, size) for s in self.samples]
+                native = self.cfg.synthetic.image_size
+                if size == native:
+                    self._pixels[size] = [synthetic_pixels(s, self.cfg.synthetic, self.seed, 0, size)
+                                          for s in self.samples]
+                else:  # rendered once at the renderer's size, resized (pixel for pixel what rendering gives)
+                    self._pixels[size] = [resize_rendered(p, size) for p in self._cached_pixels(native)]
                 return self._pixels[size]
             results = scan_images([s.path for s in self.samples], keep_size=size, crop_pct=self.cfg.crop_pct,
                                   desc=f"decode to RAM at {size} px")
@@ -95,6 +100,8 @@ class PreparedData:
         )
         if train:  # the beads rendered for one stage serve the next (teacher, then student)
             dataset._variants = self._variants.setdefault(size, {})
+            if self.cfg.source == "synthetic":
+                dataset._native_variants = self._variants.setdefault(self.cfg.synthetic.image_size, {})
         return dataset
 
     def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,

@@ -126,3 +126,28 @@ def test_eval_loader_keeps_order_and_plain_views(epoch: int) -> None:
     batches = list(make_loader(ds, 4, train=False, seed=epoch))
     assert torch.cat([b[2] for b in batches]).tolist() == list(range(6))
     assert torch.cat([b[3] for b in batches]).tolist() == [0] * 6
+
+
+def test_synthetic_beads_rendered_once_give_the_pixels_of_rendering_at_each_size(tmp_path, monkeypatch) -> None:
+    """The student's larger size resizes the beads the teacher's stage rendered: same pixels, no second render."""
+    import data.loader as loader_module
+    from data.config import DataConfig, SyntheticConfig
+    from data.prepare import prepare_data
+
+    syn = SyntheticConfig(image_size=32, num_train=6, num_val=3, num_test=3, variants=2)
+    data = prepare_data(DataConfig(source="synthetic", synthetic=syn), tmp_path / "data", seed=1)
+    keys = [(i, v) for i in range(6) for v in (1, 2)]
+    small = data.dataset("train", 32, train=True)
+    for key in keys:
+        small[key]
+    real = loader_module.synthetic_pixels
+    renders = []
+    monkeypatch.setattr(loader_module, "synthetic_pixels", lambda *a: renders.append(a) or real(*a))
+    large = data.dataset("train", 48, train=True)
+    beads = [large._pixels(*key) for key in keys]
+    plain = data.dataset("test", 48)[0][0]
+    assert renders == []  # every bead and plain view at 48 px came from the 32 px renders
+    for (index, view), bead in zip(keys, beads):
+        assert np.array_equal(bead, real(large.samples[index], syn, 1, view % 2 + 1, 48))
+    expected = real(data.split("test")[0], syn, 1, 0, 48)
+    assert torch.equal(plain, torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255)
