@@ -44,16 +44,15 @@ QUICKSTART_SEVERITY = "quickstart"
 
 @dataclass(frozen=True)
 class Method:
-    name: str
     teacher: bool
     overrides: tuple[str, ...] = ()
 
 
 METHODS = {
-    "scratch": Method("scratch", False),
-    "kd": Method("kd", True, ("distill.loss=kd",)),
-    "kd+mixup": Method("kd+mixup", True, ("distill.loss=kd", "distill.mixup=0.4")),
-    "kd+feature": Method("kd+feature", True, ("distill.loss=feature",)),
+    "scratch": Method(False),
+    "kd": Method(True, ("distill.loss=kd",)),
+    "kd+mixup": Method(True, ("distill.loss=kd", "distill.mixup=0.4")),
+    "kd+feature": Method(True, ("distill.loss=feature",)),
 }
 #: (label fraction, methods run at it)
 PLAN = [(1.0, ("scratch", "kd", "kd+mixup", "kd+feature")), (0.3, ("scratch", "kd", "kd+mixup")),
@@ -178,7 +177,8 @@ def main() -> int:
     args = _args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     hard = tuple(float(x) for x in args.hard_severity.split(","))
-    epochs = args.epochs or load_config(CONFIG).student.epochs
+    base_cfg = load_config(CONFIG)
+    epochs = args.epochs or base_cfg.student.epochs
     if args.quick:
         seeds, epochs = seeds[:2], 1
     root = OUT / ("bench_distill_quick" if args.quick else "bench_distill")
@@ -190,7 +190,6 @@ def main() -> int:
     watch, t0 = LoadWatch(), time.perf_counter()
     log = print
     sections, verdicts = [], []
-    base_cfg = load_config(CONFIG)
     runs = [(QUICKSTART_SEVERITY, None, quick_plan if args.quick else PLAN),
             ("hard", hard, [(1.0, ("scratch", "kd"))] if args.quick else HARD_PLAN)]
     for label, severity, plan in runs:
