@@ -6,7 +6,7 @@
   64 and 224 px, and the quickstart's path to its student crop (render at 64 px, resize to 96);
 - the synthetic training loader of ``configs/quickstart.yaml`` (64 px, ``synthetic.variants``):
   its first epoch, which renders a bead per image, and the same epoch again from the kept beads;
-- a dataset on disk (``data.synth.write_dataset``: N images at 224 px in class folders, written
+- a dataset on disk (``data.synth.writer.write_dataset``: N images at 224 px in class folders, written
   to ``benchmarks/out/bench_data/``), read through the data stage (``prepare_data``) and
   ``PreparedData.loader`` with ``data.cache: ram`` (decoded once into RAM) and ``data.cache: none``
   (decoded from disk every time): one training epoch with augmentations and one evaluation pass,
@@ -31,9 +31,10 @@ from data.config import DataConfig, SyntheticConfig
 from data.loader import default_workers, synthetic_pixels
 from data.manifest import Sample
 from data.prepare import prepare_data
-from data.synth import render_sample, write_dataset
+from data.synth import render_sample
+from data.synth.writer import write_dataset
 from distill.config import load_config
-from profiling.machine import other_cpu_load
+from profiling.cost.machine import other_cpu_load
 
 CONFIG = "configs/quickstart.yaml"
 HERE = OUT / "bench_data"
@@ -136,7 +137,7 @@ def _disk_rows(quick: bool, images: int, size: int, ext: str, epochs: int) -> li
     write_dataset(root, images, "folder", size=224, ext=ext, overwrite=True)
     write_s = time.perf_counter() - t0
     rows = [[f"write a dataset: render + encode {ext.upper()} at 224 px", _ips(images, write_s),
-             f"{images} images in {write_s:.1f} s (`data.synth.write_dataset`)"]]
+             f"{images} images in {write_s:.1f} s (`data.synth.writer.write_dataset`)"]]
     workers = default_workers()
     for cache in ("ram", "none"):
         cfg = DataConfig(source="folder", path=str(root), cache=cache)

@@ -33,7 +33,7 @@ from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cp
 from data.prepare import prepare_data
 from distill.config import Config, load_config
 from distill.stages import Context, baseline_stage, student_stage, teacher_stage
-from profiling.machine import other_cpu_load
+from profiling.cost.machine import other_cpu_load
 from training.engine import pick_device
 from training.modeling import load_meta
 from training.seed import seed_everything

@@ -8,7 +8,7 @@ The architectures, input sizes and pruning settings are the ``configs/vit_to_mbv
 pruned structurally with the recipe's :class:`student.prune.StudentPruner` settings to each MAC
 target, without training (pruning removes channels; which ones does not change the time). Each
 student is exported to ONNX fp32 and static int8 (calibrated on random-normal images: for timing
-only), the teacher to ONNX fp32. Each model is then timed with :func:`profiling.measure.profile_model`
+only), the teacher to ONNX fp32. Each model is then timed with :func:`profiling.cost.profile_model.profile_model`
 on every usable core, and read against the targets of the issue:
 
 - the deployed pruned student (the faster of ONNX fp32 and int8 at batch 1) at least 50x faster than
@@ -38,10 +38,10 @@ from torch import nn
 
 from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cpu
 from distill.config import Config, load_config
-from profiling.latency import matmul_peak_gflops
-from profiling.machine import other_cpu_load, usable_cores
-from profiling.measure import ModelEntry, profile_model
-from student.export import export_onnx, quantize_int8
+from profiling.cost.latency import matmul_peak_gflops
+from profiling.cost.machine import other_cpu_load, usable_cores
+from profiling.cost.profile_model import ModelEntry, profile_model
+from deploy.export import export_onnx, quantize_int8
 from student.model import build_student
 from student.prune import StudentPruner
 from teacher.model import build_teacher

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cpu
 from distill.run import STAGES
-from profiling.machine import other_cpu_load
+from profiling.cost.machine import other_cpu_load
 
 CONFIG = "configs/quickstart.yaml"
 TARGET_S = 300.0

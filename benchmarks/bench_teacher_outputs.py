@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cpu
-from data.errors import UserError
+from core.errors import UserError
 from data.loader import synthetic_pixels
 from data.prepare import prepare_data
 from distill.config import Config, load_config
 from distill.stages import Context, student_run_parts, teacher_stage
 from distill.teacher_cache import TeacherCache
-from profiling.machine import other_cpu_load
+from profiling.cost.machine import other_cpu_load
 from student.model import build_student
 from training.engine import pick_device
 from training.loop import fit

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from profiling.machine import cpu_times, machine_info, other_cpu_load
+from profiling.cost.machine import cpu_times, machine_info, other_cpu_load
 
 __all__ = ["OUT", "RESULTS", "LoadWatch", "command_line", "machine_line", "md_table", "record", "wait_for_idle_cpu"]
 

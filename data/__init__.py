@@ -1,9 +1,7 @@
 """Image sources, scanning and validation, splits, leakage checks, transforms and loaders."""
 
-from data.errors import UserError
-
 #: Index 0 is the negative class, index 1 the positive one: every metric's "positive" is a defect.
 CLASS_NAMES: tuple[str, str] = ("normal", "defect")
 NORMAL, DEFECT = 0, 1
 
-__all__ = ["UserError", "CLASS_NAMES", "NORMAL", "DEFECT"]
+__all__ = ["CLASS_NAMES", "NORMAL", "DEFECT"]

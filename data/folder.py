@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.errors import UserError
+from core.errors import UserError
 from data.manifest import Sample, SkippedFile
 from data.yolo import IMAGE_EXTENSIONS
 

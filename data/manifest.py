@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from data.files import atomic_write_text
+from core.files import atomic_write_text
 
 __all__ = ["Sample", "SkippedFile", "SPLITS", "write_manifest", "read_manifest", "write_skipped"]
 

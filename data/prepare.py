@@ -2,7 +2,8 @@
 
 Writes into ``runs/<name>/data/``: ``manifest.csv`` (path, label, group, split — reused on rerun,
 so a run never silently reshuffles), ``report.json`` (sources, class counts per split, what was
-skipped, the duplicate check), ``duplicates.json`` and ``skipped.csv``.
+skipped, the duplicate check), ``duplicates.json``, ``skipped.csv`` and, last, ``stage.json`` (the
+config and seed it was made with: a rerun with another one is refused, never silently resplit).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from torch.utils.data import DataLoader
 
 from data.config import DataConfig
 from data.dedup import cross_split_duplicates
-from data.errors import UserError
+from core import provenance
+from core.errors import UserError
 from data.folder import read_folder
 from data.images import phash_bits, scan_images, thumbnail
 from data.loader import InspectionDataset, class_weights, make_loader, resize_rendered, synthetic_pixels
-from data.files import atomic_write_text
+from core.files import atomic_write_text
 from data.manifest import SPLITS, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
-from data.schema import changed_keys, to_dict
+from core.schema import to_dict
 from data.split import check_splits, complete_splits, straddling_groups, with_groups
 from data.yolo import read_yolo
 
@@ -158,17 +160,16 @@ def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedF
 def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     """Run (or reuse) the data stage and return the split dataset."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, report_path = out_dir / "manifest.csv", out_dir / "report.json"
-    made_with = {"data": json.loads(json.dumps(to_dict(cfg))), "seed": seed}
-    if manifest.is_file() and report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        if report.get("made_with") != made_with:
-            keys = changed_keys(report.get("made_with") or {}, made_with)
-            raise UserError(
-                f"the data stage in '{out_dir}' was made with a different config (changed: {', '.join(keys)}); "
-                "a run must not mix splits. Rerun with --force data (this redoes every stage), or choose a new run.name"
-            )
-        return PreparedData(cfg, read_manifest(manifest), seed, report)
+    manifest, report_path, record_path = out_dir / "manifest.csv", out_dir / "report.json", out_dir / "stage.json"
+    record = provenance.make("data", {"data": to_dict(cfg), "seed": seed})
+    verdict = provenance.check(record_path, record)
+    if verdict.state == "config":
+        raise UserError(
+            f"the data stage in '{out_dir}' was made with a different config (changed: {', '.join(verdict.changed)}); "
+            "a run must not mix splits. Rerun with --force data (this redoes every stage), or choose a new run.name"
+        )
+    if verdict.same and manifest.is_file() and report_path.is_file():
+        return PreparedData(cfg, read_manifest(manifest), seed, json.loads(report_path.read_text(encoding="utf-8")))
 
     samples, skipped, info = _read_source(cfg)
     if cfg.source == "synthetic":
@@ -209,12 +210,12 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
         "skipped": len(skipped),
         "skipped_by_reason": _count_reasons(skipped),
         "duplicates": {k: v for k, v in duplicates.items() if k != "examples"},
-        "made_with": made_with,
     }
     write_skipped(skipped, out_dir / "skipped.csv")
     atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))
     write_manifest(samples, manifest)
-    atomic_write_text(report_path, json.dumps(report, indent=2))  # last: its presence marks the stage done
+    atomic_write_text(report_path, json.dumps(report, indent=2))
+    provenance.save(record_path, provenance.finish(record, out_dir, ["manifest.csv"]))  # last: marks the stage done
     prepared = PreparedData(cfg, samples, seed, report)
     if cfg.source == "synthetic" and cfg.dedup:
         prepared._pixels = rendered._pixels  # the renders made for the hashes serve training too

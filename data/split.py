@@ -12,7 +12,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from data.errors import UserError
+from core.errors import UserError
 from data.manifest import SPLITS, Sample
 
 __all__ = ["with_groups", "split_samples", "complete_splits", "straddling_groups", "check_splits"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from data.errors import UserError
+from core.errors import UserError
+from core.files import read_yaml_mapping
 from data.manifest import Sample, SkippedFile
 
 __all__ = ["IMAGE_EXTENSIONS", "YoloDataset", "read_yolo", "label_path_for", "parse_label_file"]
@@ -195,12 +195,7 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
     yaml_path = _find_yaml(given)
     entries: dict[str, list[str]] = {}
     if yaml_path is not None:
-        try:
-            doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{yaml_path}: YAML syntax error: {exc}") from None
-        if not isinstance(doc, dict):
-            raise UserError(f"{yaml_path}: must be a mapping with train, val and names")
+        doc = read_yaml_mapping(yaml_path, "train, val and names")
         names = _names_from(doc, yaml_path)
         root = Path(doc["path"]) if doc.get("path") else yaml_path.parent
         if not root.is_absolute():

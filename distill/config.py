@@ -7,8 +7,6 @@ and reports mistakes with the dotted key, the file and the line.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,17 +16,15 @@ from typing import Any, Literal
 import yaml
 
 from data.config import DataConfig
-from data.errors import UserError
-from data.files import atomic_write_text
-from data.schema import FieldError, build, changed_keys, to_dict, type_at, unknown_key_error
-from profiling.config import ConstraintsConfig, EvalConfig, ProfileConfig
+from core.errors import UserError
+from core.files import atomic_write_text
+from core.schema import FieldError, build, to_dict, type_at, unknown_key_error
+from profiling.report.config import ConstraintsConfig, EvalConfig
+from profiling.cost.config import ProfileConfig
 from student.config import ExportConfig, PruneConfig, StudentConfig
 from teacher.config import TeacherConfig
 
-__all__ = [
-    "RunConfig", "DistillConfig", "Config", "load_config", "parse_overrides", "config_hash",
-    "save_config", "changed_keys",
-]
+__all__ = ["RunConfig", "DistillConfig", "Config", "load_config", "parse_overrides", "save_config"]
 
 
 @dataclass(frozen=True)
@@ -231,13 +227,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build(Config, merged, where)
 
 
-# ----------------------------------------------------------------------------- saving, hashing
-def config_hash(section: Any) -> str:
-    """A short stable hash of a config (or any section of it)."""
-    text = json.dumps(to_dict(section), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
+# ----------------------------------------------------------------------------- saving
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (temporary file, then rename)."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

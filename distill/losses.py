@@ -1,4 +1,4 @@
-"""Distillation losses: each a pure function plus a thin ``nn.Module``, returning named terms.
+"""Distillation losses: pure functions of tensors, each returning its named terms.
 
 Every loss returns a dict ``{"loss": total, <part>: value, ...}`` so the training step can log
 each part. The teacher is never called here: its logits (and patch tokens) come in as tensors
@@ -15,9 +15,9 @@ Decoupled KD (Zhao et al. 2022, https://arxiv.org/abs/2203.08679) is deliberatel
 (KL between the distributions over the non-target classes) is over a single class, hence
 zero, and what remains (its target-class term) is ``kd``.
 
-The modules hold only the hyper-parameters (and the projector for ``feature``); build one
-with ``make_loss(name, **kwargs)``. The ``feature`` loss has parameters: give them to the
-optimizer too.
+The training step (``distill/steps.py``) calls the teacher and picks the function by
+``distill.loss``; the only learned part, the ``feature`` loss's projector, is an explicit
+:class:`FeatureProjector` module trained with the student.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "cross_entropy", "kd_loss", "hard_distillation_loss", "feature_loss", "feature_kd_loss",
-    "mixup", "FeatureProjector", "KDLoss", "HardDistillationLoss", "FeatureKDLoss",
-    "LOSSES", "make_loss",
+    "cross_entropy", "kd_loss", "hard_distillation_loss", "feature_loss", "feature_kd_loss", "mixup",
+    "FeatureProjector",
 ]
 
 #: Per-class weights for cross-entropy, e.g. [1.0, 3.0] weighs defect images three times.
@@ -212,81 +211,3 @@ def mixup(
     perm = perm.to(images.device)
     mixed = lam * images + (1.0 - lam) * images[perm]
     return mixed, lam * soft + (1.0 - lam) * soft[perm], lam
-
-
-class _Loss(nn.Module):
-    """Holds the shared hyper-parameters; class weights as a buffer so ``.to(device)`` moves them."""
-
-    def __init__(self, alpha: float, label_smoothing: float, class_weights: ClassWeights) -> None:
-        super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = alpha
-        self.label_smoothing = label_smoothing
-        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float)
-        self.register_buffer("class_weights", weights)
-
-
-class KDLoss(_Loss):
-    """Module form of ``kd_loss``."""
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0,
-                 class_weights: ClassWeights = None) -> None:
-        super().__init__(alpha, label_smoothing, class_weights)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
-    ) -> dict[str, Tensor]:
-        return kd_loss(student_logits, teacher_logits, targets, self.temperature, self.alpha,
-                       self.label_smoothing, self.class_weights)
-
-
-class HardDistillationLoss(_Loss):
-    """Module form of ``hard_distillation_loss``."""
-
-    def __init__(self, alpha: float = 0.5, label_smoothing: float = 0.0,
-                 class_weights: ClassWeights = None) -> None:
-        super().__init__(alpha, label_smoothing, class_weights)
-
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
-    ) -> dict[str, Tensor]:
-        return hard_distillation_loss(student_logits, teacher_logits, targets, self.alpha,
-                                      self.label_smoothing, self.class_weights)
-
-
-class FeatureKDLoss(KDLoss):
-    """Module form of ``feature_kd_loss``; owns the projector, so its parameters are this module's.
-
-    One student pass gives both inputs: ``fmap = net.forward_features(x)``,
-    ``logits = net.forward_head(fmap)``; the teacher's tokens are its ``forward_features``.
-    """
-
-    def __init__(self, projector: FeatureProjector, temperature: float = 4.0, alpha: float = 0.5,
-                 feature_weight: float = 1.0, label_smoothing: float = 0.0,
-                 class_weights: ClassWeights = None, normalize: bool = True) -> None:
-        super().__init__(temperature, alpha, label_smoothing, class_weights)
-        self.projector = projector
-        self.feature_weight = feature_weight
-        self.normalize = normalize
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,  # type: ignore[override]
-                student_map: Tensor, teacher_tokens: Tensor) -> dict[str, Tensor]:
-        return feature_kd_loss(student_logits, teacher_logits, targets, student_map, teacher_tokens,
-                               self.projector, self.temperature, self.alpha, self.feature_weight,
-                               self.label_smoothing, self.class_weights, self.normalize)
-
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "kd": KDLoss, "hard": HardDistillationLoss, "feature": FeatureKDLoss,
-}
-
-
-def make_loss(name: str, **kwargs) -> nn.Module:
-    """Build the loss module ``LOSSES[name](**kwargs)``."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown distillation loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](**kwargs)

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import torch
 
-from data.errors import UserError, run_cli
-from data.files import is_partial
+from core.errors import UserError, run_cli
+from core.files import is_partial
 from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
-from distill.compress import export_stage, prune_stage, report_stage
-from distill.stages import Context, baseline_stage, load_model, student_stage, teacher_stage
+from core.rundir import MODELS, STAGE_OUTPUTS, STAGES, RunDir
+from distill.compress import prune_stage
+from distill.deliver import export_stage, report_stage
+from distill.stages import Context, baseline_stage, check_finished_stages, student_stage, teacher_stage
 from training.distributed import Dist, barrier, close_distributed, init_distributed
 from training.engine import pick_device
-from training.modeling import Classifier, check_arch, is_finished
+from training.modeling import Classifier, load_model
+from training.networks import check_arch
 from training.seed import seed_everything
 
 __all__ = ["main", "STAGES"]
-
-STAGES = ("data", "teacher", "student", "prune", "export", "report")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -55,14 +56,6 @@ def _stage_list(text: str, option: str) -> list[str]:
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-#: What each stage leaves in the run directory (what --force removes).
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "data": ("data",), "teacher": ("teacher",), "student": ("student", "student_baseline"),
-    "prune": ("student_pruned",), "export": ("export",),
-    "report": ("report.md", "report.json", "profile.json", "plots"),
-}
 
 
 def _force(run_dir: Path, force: list[str]) -> None:
@@ -90,12 +83,12 @@ def _remove_partial_files(run_dir: Path) -> None:
         _say(f"removed {len(leftovers)} partial file(s) left by an interrupted run")
 
 
-def _finished(ctx: Context, stage: str, needed_by: str) -> Classifier:
-    stage_dir = ctx.run_dir / stage
-    if not is_finished(stage_dir):
-        raise UserError(f"the {needed_by} stage needs a finished {stage} in '{stage_dir}'; "
-                        f"run it first (--stages {stage},{needed_by})")
-    return load_model(stage_dir)
+def _finished(ctx: Context, name: str, needed_by: str) -> Classifier:
+    """A model this run does not make but builds on (its config and inputs were checked up front)."""
+    if not ctx.run.finished(name):
+        raise UserError(f"the {needed_by} stage needs a finished {name} in '{ctx.run.model(name)}'; "
+                        f"run it first (--stages {name},{needed_by})")
+    return load_model(ctx.run.model(name))
 
 
 def run(cfg: Config, stages: list[str], force: list[str]) -> Path:
@@ -120,8 +113,8 @@ def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_na
                             "choose a writable run.output_dir") from None
         _force(run_dir, force)
         _remove_partial_files(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            save_config(cfg, run_dir / "config.yaml")
+        if not RunDir(run_dir).config.is_file():
+            save_config(cfg, RunDir(run_dir).config)
     barrier(dist)
     for arch, key in ((cfg.teacher.arch, "teacher.arch"), (cfg.student.arch, "student.arch")):
         check_arch(arch, key)  # a typo must not wait for the end of the teacher stage
@@ -142,6 +135,7 @@ def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_na
     say("[data] " + "\n[data] ".join(summary_lines(data.report)) + f"  ({time.perf_counter() - t0:.1f} s)")
     ctx = Context(cfg, run_dir, data, device, say, dist)
     wants = set(stages)
+    check_finished_stages(ctx, wants)  # config.yaml must never claim settings a kept model was not made with
 
     teacher = student = None
     if "teacher" in wants:
@@ -160,7 +154,7 @@ def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_na
             export_stage(ctx)
         if "report" in wants:
             report_stage(ctx)
-        save_config(cfg, run_dir / "config.yaml")  # the config as run (a refused rerun never gets here)
+        save_config(cfg, RunDir(run_dir).config)  # the config as run (a refused rerun never gets here)
         for line in _headline(run_dir):
             say(line)
         say(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}")
@@ -170,13 +164,13 @@ def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_na
 
 def _headline(run_dir: Path) -> list[str]:
     """Test AUROC/F1, params and MACs of each finished model (from report.json when there is one)."""
-    report_path = run_dir / "report.json"
-    rows = json.loads(report_path.read_text())["models"] if report_path.is_file() else {}
+    run = RunDir(run_dir)
+    rows = json.loads(run.report_json.read_text())["models"] if run.report_json.is_file() else {}
     lines = []
-    for name in ("teacher", "student_baseline", "student", "student_pruned", "student_pruned_int8"):
+    for name in (*MODELS, "student_pruned_int8"):
         row = rows.get(name)
-        if row is None and is_finished(run_dir / name):
-            meta = json.loads((run_dir / name / "meta.json").read_text())
+        if row is None and run.finished(name):
+            meta = run.read_meta(name)
             row = {"test": meta["metrics"]["test"], **meta.get("cost", {})}
         if row is None:
             continue
@@ -184,7 +178,7 @@ def _headline(run_dir: Path) -> list[str]:
         cost = (f"  {params / 1e6:6.2f} M params" if params else "") + (f"  {macs / 1e6:8.1f} M MACs" if macs else "")
         lines.append(f"  {name:<20} test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}{cost}")
     if lines:
-        where = f"report: {run_dir / 'report.md'}" if report_path.is_file() else "no report yet (stage 'report')"
+        where = f"report: {run.report_md}" if run.report_json.is_file() else "no report yet (stage 'report')"
         lines = [f"headline ({where}):"] + lines
     return lines
 

@@ -1,16 +1,18 @@
 """The stages the runner calls, each taking what the previous one made and returning its artifact.
 
-A stage directory is finished when its ``meta.json`` exists; then the stage is loaded, not rerun.
-Otherwise ``fit`` resumes from ``last.ckpt`` if there is one. Every finished model gets the same
-treatment (:func:`finish`): predictions on every split, a decision threshold chosen on validation
-only, test metrics at that threshold, and ``model.safetensors`` + ``meta.json``.
+Every model stage is judged by its provenance record (:mod:`core.provenance`, ``<stage>/stage.json``,
+written last): made with the same config from the same inputs, it is loaded, not rerun; made with
+another config, the run refuses (results of two configs must not mix); made from an input that has
+changed since (a retrained or replaced teacher under a student), it is stale and redone. Otherwise
+``fit`` resumes from ``last.ckpt`` if there is one. Every finished model gets the same treatment
+(:func:`finish`): predictions on every split, a decision threshold chosen on validation only, test
+metrics at that threshold, ``model.safetensors`` + ``meta.json``, then the record.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,29 +20,28 @@ from typing import Any
 
 import torch
 
+from core import provenance
+from core.errors import UserError
+from core.rundir import PREDICTIONS, RECORD, STAGE_OF, WEIGHTS, RunDir, write_predictions
+from core.schema import to_dict
 from data import CLASS_NAMES
-from data.errors import UserError
-from data.files import atomic_write_text
 from data.manifest import SPLITS
 from data.prepare import PreparedData
-from data.schema import to_dict
-from data.transforms import ModelView
-from distill.config import Config, changed_keys, config_hash
+from distill.config import Config
 from distill.steps import StudentTrainee, ce_step, distill_step, make_projector
 from distill.teacher_cache import TeacherCache, build_teacher_cache
-from profiling.quality import binary_metrics
-from profiling.thresholds import choose_threshold
+from profiling.report.quality import binary_metrics
+from profiling.report.thresholds import choose_threshold
 from student.model import build_student
-from teacher.model import build_teacher, teacher_network, teacher_optimizer
-from training.distributed import SINGLE, Dist, barrier, gather_eval
+from teacher.model import build_teacher, teacher_optimizer
 from training.config import TrainConfig
+from training.distributed import SINGLE, Dist, barrier, gather_eval
 from training.engine import EvalOutput, evaluate, precision_for
 from training.loop import FitResult, fit
-from training.modeling import Classifier, create_network, is_finished, load_meta, load_weights, save_artifact
+from training.modeling import Classifier, load_model, save_artifact
 
-__all__ = ["Context", "teacher_stage", "student_stage", "baseline_stage", "load_model", "finish", "PREDICTIONS"]
-
-PREDICTIONS = "predictions.csv"
+__all__ = ["Context", "StaleWarning", "teacher_stage", "student_stage", "baseline_stage", "finish", "stage_record",
+           "check_finished_stages", "begin", "finished_or_none"]
 
 
 @dataclass
@@ -52,6 +53,10 @@ class Context:
     log: Callable[[str], None] = print
     dist: Dist = SINGLE
 
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
     def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
                fraction: float = 1.0):
         """This process's loader: under torchrun, its shard of every batch (``batch_size`` is global)."""
@@ -59,46 +64,128 @@ class Context:
                                 num_replicas=self.dist.world, rank=self.dist.rank, fraction=fraction)
 
 
-# ----------------------------------------------------------------------------- loading
-def load_model(stage_dir: Path) -> Classifier:
-    """A finished stage's model, rebuilt from meta.json and safetensors (no pickle)."""
-    meta = load_meta(stage_dir)
-    if meta.get("conv_stem"):
-        net = teacher_network(meta["arch"], conv_stem=True, img_size=meta["img_size"],
-                              model_kwargs=meta.get("model_kwargs"))
-    else:
-        net = create_network(meta["arch"], img_size=meta["img_size"], model_kwargs=meta.get("model_kwargs"))
-    if meta.get("pruning"):
-        from student.prune import rebuild_pruned
+# ----------------------------------------------------------------------------- provenance
+def stage_config(cfg: Config, name: str) -> dict[str, Any]:
+    """The settings a model directory's stage reads: what its record compares on a rerun."""
+    common = {"data": to_dict(cfg.data), "seed": cfg.run.seed}
+    if name == "teacher":
+        return {"teacher": to_dict(cfg.teacher), **common}
+    if name == "student":
+        return {"student": to_dict(cfg.student), "distill": to_dict(cfg.distill), **common}
+    if name == "student_baseline":
+        return {"student": to_dict(cfg.student), "distill": None, **common}
+    if name == "student_pruned":
+        return {"prune": to_dict(cfg.prune), "distill": to_dict(cfg.distill), **common}
+    raise ValueError(f"no stage makes a model directory named {name!r}")
 
-        example = torch.zeros(1, 3, meta["img_size"], meta["img_size"])
-        net = rebuild_pruned(net, example, meta["pruning"])
-    load_weights(net, stage_dir)
-    return Classifier(net, ModelView(meta["img_size"], meta["mean"], meta["std"]), meta["arch"],
-                      meta.get("model_kwargs")).eval()
+
+#: The model directories each one is made from (their weights are its inputs, with the data split).
+UPSTREAM: dict[str, tuple[str, ...]] = {"teacher": (), "student": ("teacher",), "student_baseline": (),
+                                        "student_pruned": ("teacher", "student")}
+
+
+def stage_record(ctx: Context, name: str) -> dict[str, Any]:
+    """The provenance record model directory ``name`` would get now: its config, and the digests of
+    the split manifest and of the weights of the models it is made from."""
+    run = ctx.run
+    inputs: dict[str, Path] = {"manifest": run.manifest}
+    inputs.update({up: run.weights(up) for up in UPSTREAM[name]})
+    return provenance.make(name, stage_config(ctx.cfg, name), inputs)
+
+
+def _config_refusal(run: RunDir, name: str, changed: list[str]) -> UserError:
+    stage = STAGE_OF[name]
+    return UserError(
+        f"'{run.model(name)}' was made with a different config (changed: {', '.join(changed[:8])}); results of "
+        f"two configs must not mix, and config.yaml must not claim settings its models were not made with. "
+        f"Redo it with --stages {stage},... --force {stage} (this redoes the stages after it too), restore the "
+        "config, or choose a new run.name")
+
+
+class StaleWarning(UserWarning):
+    """A kept model was made from an artifact that has changed since."""
+
+
+def check_finished_stages(ctx: Context, running: set[str]) -> None:
+    """Refuse a run that would build on, or report, a finished model made with another config in a
+    stage this run does not redo (config.yaml would claim settings it was not made with); warn
+    about one made from an input that has changed since (it is stale until its stage runs)."""
+    run = ctx.run
+    for name, stage in STAGE_OF.items():
+        if stage in running or not run.record(name).is_file():
+            continue
+        verdict = provenance.check(run.record(name), stage_record(ctx, name))
+        if verdict.state == "config":
+            raise _config_refusal(run, name, verdict.changed)
+        if verdict.state == "inputs":
+            warnings.warn(f"the {' and the '.join(verdict.changed)} that '{run.model(name)}' was made from changed "
+                          f"since (retrained or replaced): it is stale until --stages {stage} redoes it",
+                          StaleWarning, stacklevel=2)
+
+
+def begin(ctx: Context, name: str) -> tuple[Path, dict[str, Any], Classifier | None]:
+    """A model stage's directory, its provenance record now, and its finished model if that record
+    matches (None: the stage must run)."""
+    record = stage_record(ctx, name)
+    return ctx.run.model(name), record, finished_or_none(ctx, name, record)
+
+
+def finished_or_none(ctx: Context, name: str, record: dict[str, Any]) -> Classifier | None:
+    """The finished model of directory ``name`` if its record matches ``record``; None when it must
+    be (re)made. A stale one (an input changed) is cleared first; a config change is refused."""
+    run, stage_dir = ctx.run, ctx.run.model(name)
+    verdict = provenance.check(run.record(name), record)
+    if verdict.state == "new":
+        return None  # never finished (fit resumes from last.ckpt, which checks the same record)
+    if verdict.state == "config":
+        raise _config_refusal(run, name, verdict.changed)
+    if verdict.state == "inputs":
+        ctx.log(f"[{name}] the {' and the '.join(verdict.changed)} changed since it was made: redoing it")
+        barrier(ctx.dist)
+        if ctx.dist.is_main:
+            shutil.rmtree(stage_dir)
+        barrier(ctx.dist)
+        return None
+    model = load_model(stage_dir)
+    if verdict.state == "outputs":  # its weights were replaced by hand: score what is there now
+        ctx.log(f"[{name}] {', '.join(verdict.changed)} changed since the stage wrote it: predicting, choosing the "
+                "threshold and scoring again with the weights that are there now")
+        meta = run.read_meta(name)
+        keep = {k: meta[k] for k in ("conv_stem", "pruning", "cost", "distilled_from", "learned_from") if k in meta}
+        finish(ctx, model, stage_dir, record, None, keep)
+        return model.eval()
+    test = run.read_meta(name)["metrics"]["test"]
+    ctx.log(f"[{name}] finished earlier (test AUROC {test['auroc']:.4f}); skipped — use --force {STAGE_OF[name]} "
+            "to redo it")
+    return model
 
 
 # ----------------------------------------------------------------------------- finishing
-def predictions_csv(outputs: dict[str, EvalOutput], data: PreparedData) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["split", "index", "path", "label", "prob_defect", "logit_normal", "logit_defect"])
+def _prediction_rows(outputs: dict[str, EvalOutput], data: PreparedData):
     for split, out in outputs.items():
         samples = data.split(split)
         for i, label, prob, logit in zip(out.index.tolist(), out.labels.tolist(), out.probs.tolist(),
                                          out.logits.tolist()):
-            w.writerow([split, i, samples[i].path, label, f"{prob:.6g}", f"{logit[0]:.6g}", f"{logit[1]:.6g}"])
-    return buf.getvalue()
+            yield split, i, samples[i].path, label, prob, logit[0], logit[1]
 
 
-def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, result: FitResult | None,
+def write_split_predictions(path: Path, outputs: dict[str, EvalOutput], data: PreparedData) -> None:
+    """``predictions.csv`` of one model: every image of every split with its score and logits."""
+    write_predictions(path, _prediction_rows(outputs, data))
+
+
+def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, Any], result: FitResult | None,
            extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict every split, choose the threshold on validation, score test, save the artifact."""
+    """Predict every split, choose the threshold on validation, score test, save the artifact and
+    then its provenance ``record``.
+
+    Evaluation runs in fp32 whatever ``amp`` says: the exported fp32 model is what gets deployed
+    with this threshold, so the threshold must be chosen on the scores that model gives.
+    """
     cfg = ctx.cfg
-    precision = precision_for(ctx.device, True)
     model.to(ctx.device).eval()
     outputs = {sp: gather_eval(evaluate(model, ctx.loader(sp, model.img_size, 64), device=ctx.device,
-                                        precision=precision, desc=f"{stage_dir.name} predict {sp}"), ctx.dist)
+                                        desc=f"{stage_dir.name} predict {sp}"), ctx.dist)
                for sp in SPLITS}
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     metrics = {sp: binary_metrics(out.probs, out.labels, choice.threshold) for sp, out in outputs.items()}
@@ -110,14 +197,14 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
         "metrics": metrics,
         "best_epoch": result.best_epoch if result else None,
         "epochs_run": len(result.history) if result else 0,
-        "config_hash": config_hash(stage_cfg),
-        "config": stage_cfg,
+        "crop_pct": cfg.data.crop_pct,
         "class_names": list(CLASS_NAMES),
         **(extra_meta or {}),
     }
     if ctx.dist.is_main:
-        atomic_write_text(stage_dir / PREDICTIONS, predictions_csv(outputs, ctx.data))
+        write_split_predictions(stage_dir / PREDICTIONS, outputs, ctx.data)
         save_artifact(stage_dir, model.cpu(), meta)
+        provenance.save(stage_dir / RECORD, provenance.finish(record, stage_dir, [WEIGHTS]))
     barrier(ctx.dist)
     test = metrics["test"]
     ctx.log(f"[{stage_dir.name}] test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}  recall {test['recall']:.4f}  "
@@ -125,31 +212,11 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, stage_cfg: Any, res
     return meta
 
 
-def skip_if_finished(ctx: Context, stage_dir: Path, stage: str, stage_cfg: dict[str, Any]) -> Classifier | None:
-    """The finished model of this stage, if there is one made with the same config."""
-    if not is_finished(stage_dir):
-        return None
-    meta = load_meta(stage_dir)
-    if meta.get("config_hash") != config_hash(stage_cfg):
-        saved = meta.get("config") or {}
-        now = json.loads(json.dumps(stage_cfg, default=str))
-        keys = ", ".join(changed_keys(saved, now)[:8]) or "unknown keys"
-        raise UserError(
-            f"'{stage_dir}' was made with a different config (changed: {keys}); results of two configs must not "
-            f"mix. Rerun with --force {stage} to redo it (and the stages after it), or choose a new run.name"
-        )
-    ctx.log(f"[{stage_dir.name}] finished earlier (test AUROC {meta['metrics']['test']['auroc']:.4f}); "
-            f"skipped — use --force {stage} to redo it")
-    return load_model(stage_dir)
-
-
 # ----------------------------------------------------------------------------- teacher
 def teacher_stage(ctx: Context) -> Classifier:
-    """Fine-tune (or train from scratch) the ViT teacher."""
+    """Fine-tune (or train from scratch) the teacher."""
     cfg = ctx.cfg
-    stage_dir = ctx.run_dir / "teacher"
-    stage_cfg = {"teacher": to_dict(cfg.teacher), "data": to_dict(cfg.data), "seed": cfg.run.seed}
-    done = skip_if_finished(ctx, stage_dir, "teacher", stage_cfg)
+    stage_dir, record, done = begin(ctx, "teacher")
     if done is not None:
         return done
     model = build_teacher(cfg.teacher)
@@ -162,8 +229,8 @@ def teacher_stage(ctx: Context) -> Classifier:
             f"{cfg.teacher.epochs} epochs on {ctx.device.type}")
     result = fit(model, ce_step(cfg.teacher.label_smoothing, weights), train, val, cfg.teacher, stage_dir,
                  device=ctx.device, optimizer_factory=teacher_optimizer(cfg.teacher), name="teacher",
-                 config=stage_cfg, dist=ctx.dist, log=ctx.log)
-    finish(ctx, model, stage_dir, stage_cfg, result, {"conv_stem": cfg.teacher.conv_stem})
+                 record=record, dist=ctx.dist, log=ctx.log)
+    finish(ctx, model, stage_dir, record, result, {"conv_stem": cfg.teacher.conv_stem})
     return model.eval()
 
 
@@ -204,44 +271,41 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     return train, val, trainee_of, step, what
 
 
-def _student_run(ctx: Context, stage: str, teacher: Classifier | None) -> Classifier:
+def _student_run(ctx: Context, name: str, teacher: Classifier | None) -> Classifier:
     """Train the student: distilled from ``teacher``, or from scratch when ``teacher`` is None."""
     cfg = ctx.cfg
-    stage_dir = ctx.run_dir / stage
-    stage_cfg = {"student": to_dict(cfg.student), "data": to_dict(cfg.data), "seed": cfg.run.seed,
-                 "distill": to_dict(cfg.distill) if teacher is not None else None}
-    done = skip_if_finished(ctx, stage_dir, "student", stage_cfg)
+    stage_dir, record, done = begin(ctx, name)
     if done is not None:
         return done
     torch.manual_seed(cfg.run.seed)  # the same initial student for the distilled run and the baseline
     student = build_student(cfg.student)
     train, val, trainee_of, step, what = student_run_parts(ctx, student, teacher, stage_dir)
-    ctx.log(f"[{stage}] {cfg.student.arch} at {student.img_size} px, {_count(student):,} params, {what}")
+    ctx.log(f"[{name}] {cfg.student.arch} at {student.img_size} px, {_count(student):,} params, {what}")
     result = fit(trainee_of(student), step, train, val, cfg.student, stage_dir, device=ctx.device,
-                 eval_model=student, channels_last=True, name=stage, config=stage_cfg, dist=ctx.dist, log=ctx.log)
-    finish(ctx, student, stage_dir, stage_cfg, result,
-           {"distilled_from": "teacher" if teacher is not None else None})
+                 eval_model=student, channels_last=True, name=name, record=record, dist=ctx.dist, log=ctx.log)
+    finish(ctx, student, stage_dir, record, result, {"distilled_from": "teacher" if teacher is not None else None})
     return student.eval()
 
 
 def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCache:
     """The teacher's outputs on the fixed training views, computed once per run and reused by
-    the student and prune stages (kept in ``student/teacher_cache.safetensors``)."""
-    stage_dir = ctx.run_dir / "student"
-    path = stage_dir / "teacher_cache.safetensors"
-    key = {"teacher": load_meta(ctx.run_dir / "teacher").get("config_hash"), "views": ctx.cfg.distill.cache_views,
-           "seed": ctx.cfg.run.seed, "size": train_loader.dataset.size}
+    the student and prune stages (kept in ``student/teacher_cache.safetensors``, with a provenance
+    record: the teacher's weights, the split, the views; any change computes it again)."""
+    path = ctx.run.model("student") / "teacher_cache.safetensors"
+    record = provenance.make("teacher_cache", {"views": ctx.cfg.distill.cache_views, "seed": ctx.cfg.run.seed,
+                                               "size": train_loader.dataset.size},
+                             {"teacher": ctx.run.weights("teacher"), "manifest": ctx.run.manifest})
     if path.is_file():
-        cache, meta = TeacherCache.load(path)
-        if meta == key:
+        cache, saved = TeacherCache.load(path)
+        if provenance.compare(saved, record).same:
             return cache
     ctx.log(f"[distill] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
             f"{len(train_loader.dataset)} training images")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
-                                batch_size=64, precision=precision_for(ctx.device, True))
+                                batch_size=64, precision=precision_for(ctx.device, ctx.cfg.teacher.amp))
     if ctx.dist.is_main:  # under torchrun every rank computes the same cache; one writes it
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        cache.save(path, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache.save(path, record)
     return cache
 
 

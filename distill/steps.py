@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from data.errors import UserError
+from core.errors import UserError
 from distill.config import DistillConfig
 from distill.losses import FeatureProjector, cross_entropy, feature_kd_loss, hard_distillation_loss, kd_loss, mixup
 from distill.teacher_cache import TeacherCache

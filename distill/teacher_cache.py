@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.files import atomic_write
+from core.files import atomic_write
 from data.loader import InspectionDataset, ViewSampler
 
 __all__ = ["TeacherCache", "build_teacher_cache"]
@@ -30,10 +30,6 @@ class TeacherCache:
     def __init__(self, seeds: torch.Tensor, logits: torch.Tensor) -> None:
         self.seeds = seeds.long()
         self.logits = logits.float()
-
-    @property
-    def views(self) -> int:
-        return self.seeds.shape[1]
 
     def lookup(self, index: torch.Tensor, view_seeds: torch.Tensor) -> torch.Tensor:
         """Teacher logits for these (image, view) pairs; an uncached view is an error, never a guess."""

@@ -1,1 +1,3 @@
-"""Cost (params, MACs, latency, memory, size), quality metrics, thresholds, plots and the report."""
+"""Profiling in two halves: ``profiling.cost`` measures what a model costs (params, MACs, latency,
+memory), ``profiling.report`` evaluates and reports a run (quality, thresholds, constraints,
+plots). The cost half needs nothing of the report half."""

@@ -6,9 +6,8 @@ MODEL is a timm name (built with ``pretrained=False`` and 2 classes: the cost do
 the weights), an ``.onnx`` file, or a run's model directory (``runs/<name>/student_pruned``:
 ``meta.json`` + ``model.safetensors``, with the run's exported ONNX files timed too).
 
-A pruned student is rebuilt without unpickling anything: a fresh timm model, torch-pruning's
-dependency graph replays the pruning history saved in ``meta.json``, then the safetensors load
-strictly (the way ``student/prune.py`` saves it; profiling may not import ``student/``).
+A model directory is rebuilt by the project's one model loader (:func:`training.modeling.load_model`:
+a pruned student's structure replayed, a ViT's convolutional stem restored, no pickle).
 """
 
 from __future__ import annotations
@@ -18,47 +17,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import timm
 
-from data.errors import UserError, run_cli
-from profiling.config import RUNTIME_NAMES
-from profiling.latency import matmul_peak_gflops
-from profiling.machine import machine_info, usable_cores
-from profiling.measure import ModelEntry, profile_model
+from core.errors import UserError, run_cli
+from core.rundir import RunDir, is_model_dir
+from deploy.runtime import onnx_session
+from profiling.cost.config import RUNTIME_NAMES
+from profiling.cost.latency import matmul_peak_gflops
+from profiling.cost.machine import machine_info, usable_cores
+from profiling.cost.profile_model import ModelEntry, profile_model
+from training.modeling import load_model
 
-__all__ = ["load_model_dir", "main", "onnx_entry", "run_entries", "timm_entry"]
-
-
-def _timm_network(arch: str, img_size: int | None, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A 2-class timm model; ``img_size`` goes only to models that take it (ViTs; CNNs run at any size)."""
-    import timm
-
-    if not timm.is_model(arch):
-        raise UserError(f"'{arch}' is neither a timm model name, an .onnx file nor a run's model directory")
-    kwargs = dict(model_kwargs or {})
-    if img_size is not None and "img_size" not in kwargs:
-        try:
-            return timm.create_model(arch, pretrained=False, num_classes=2, img_size=img_size, **kwargs)
-        except TypeError as exc:
-            if "img_size" not in str(exc):
-                raise
-    return timm.create_model(arch, pretrained=False, num_classes=2, **kwargs)
+__all__ = ["main", "model_dir_entry", "onnx_entry", "timm_entry"]
 
 
 def timm_entry(arch: str, img_size: int | None = None) -> ModelEntry:
     """A fresh timm model at ``img_size`` (default: its own data config's input size)."""
-    net = _timm_network(arch, img_size).eval()
+    from training.networks import create_network
+
+    if not timm.is_model(arch):
+        raise UserError(f"'{arch}' is neither a timm model name, an .onnx file nor a run's model directory")
+    net = create_network(arch, img_size=img_size).eval()
     size = img_size or int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     return ModelEntry(net=net, img_size=size)
 
 
 def onnx_entry(path: Path, img_size: int | None = None) -> ModelEntry:
     """An ONNX file; the image size comes from its metadata (our export writes it) unless given."""
-    import onnxruntime as ort
-
     if img_size is None:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         saved = session.get_modelmeta().custom_metadata_map.get("img_size")
         dims = session.get_inputs()[0].shape
         img_size = int(saved) if saved else dims[-1] if isinstance(dims[-1], int) else None
@@ -68,50 +55,15 @@ def onnx_entry(path: Path, img_size: int | None = None) -> ModelEntry:
     return ModelEntry(net=None, img_size=img_size, onnx=path, onnx_int8=int8 if int8.is_file() else None)
 
 
-def _rebuild_pruned(net: nn.Module, img_size: int, pruning: dict[str, Any], where: Path) -> nn.Module:
-    """Replay torch-pruning's saved history on a fresh network (eval mode, autograd on for tracing)."""
-    import torch_pruning as tp
-
-    net.eval()
-    try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 3, img_size, img_size))
-            graph.load_pruning_history(pruning["history"])
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{where}: its pruning history does not fit a fresh '{pruning.get('arch')}' "
-                        f"({type(exc).__name__}: {exc}); rerun the prune stage with --force") from None
-    return net
-
-
-def load_model_dir(stage_dir: Path, export_dir: Path | None = None) -> ModelEntry:
-    """A finished model directory (meta.json + model.safetensors) and its exported ONNX files, if any."""
-    from safetensors.torch import load_file
-
-    meta_path, weights = stage_dir / "meta.json", stage_dir / "model.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
+def model_dir_entry(stage_dir: Path) -> ModelEntry:
+    """A finished model directory (rebuilt by the one model loader) and, in a run, its exported files."""
+    if not is_model_dir(stage_dir):
         raise UserError(f"'{stage_dir}' is not a finished model directory (needs meta.json and model.safetensors)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("conv_stem"):
-        onnx = (export_dir or stage_dir.parent / "export") / f"{stage_dir.name}.onnx"
-        raise UserError(f"'{stage_dir}' is a ViT with the project's convolutional stem, which profiling rebuilds "
-                        f"only from its ONNX export: profile '{onnx}' instead")
-    size = int(meta["img_size"])
-    net = _timm_network(meta["arch"], size, meta.get("model_kwargs"))
-    if meta.get("pruning"):
-        net = _rebuild_pruned(net, size, meta["pruning"], meta_path)
-    try:
-        net.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"{weights} does not fit the architecture in its meta.json: {str(exc).splitlines()[0]}") from None
-    export_dir = export_dir or stage_dir.parent / "export"
-    onnx, int8 = export_dir / f"{stage_dir.name}.onnx", export_dir / f"{stage_dir.name}_int8.onnx"
-    return ModelEntry(net=net.eval(), img_size=size, onnx=onnx if onnx.is_file() else None,
-                      onnx_int8=int8 if int8.is_file() else None, weights=weights)
-
-
-def run_entries(run_dir: Path, names: list[str]) -> dict[str, ModelEntry]:
-    """The named finished models of a run, as :func:`profiling.measure.measure` takes them."""
-    return {name: load_model_dir(run_dir / name, run_dir / "export") for name in names}
+    model = load_model(stage_dir)
+    run = RunDir(stage_dir.parent)
+    onnx, int8 = run.onnx(stage_dir.name), run.onnx(stage_dir.name, int8=True)
+    return ModelEntry(net=model.net, img_size=model.img_size, onnx=onnx if onnx.is_file() else None,
+                      onnx_int8=int8 if int8.is_file() else None, weights=run.weights(stage_dir.name))
 
 
 def _entry(model: str, img_size: int | None) -> ModelEntry:
@@ -121,7 +73,7 @@ def _entry(model: str, img_size: int | None) -> ModelEntry:
             raise UserError(f"ONNX file '{path}' does not exist")
         return onnx_entry(path, img_size)
     if path.is_dir():
-        entry = load_model_dir(path)
+        entry = model_dir_entry(path)
         if img_size is not None and img_size != entry.img_size:
             raise UserError(f"{path} was trained at {entry.img_size} px; --img-size {img_size} would not be that model")
         return entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.schema import FieldError
+from core.schema import FieldError
 from training.config import ModelConfig, TrainConfig
 
 __all__ = ["StudentConfig", "PruneConfig", "ExportConfig"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from data.transforms import model_view
 from student.config import StudentConfig
-from training.modeling import Classifier, create_network
+from training.modeling import Classifier
+from training.networks import create_network
 
 __all__ = ["build_student"]
 

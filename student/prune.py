@@ -1,4 +1,4 @@
-"""Structured pruning of a timm student to a cost target, and a pickle-free way to reload it.
+"""Structured pruning of a timm student to a cost target.
 
 Torch-Pruning's four steps (importance -> pruner -> ``step()`` -> fine-tune), driven by cost:
 ``PruneConfig.target = {"macs": 0.5}`` keeps half the student's multiply-accumulates (or
@@ -14,34 +14,30 @@ current weights. Torch-Pruning's own ``iterative_steps`` fixes every round's rat
 cannot promise the final cost once fine-tuning between rounds changes the importance ranking
 (global pruning, Taylor); solving each round on the current weights can.
 
-Saving: a pruned net's ``state_dict`` no longer fits its timm class. :meth:`StudentPruner.structure`
-gives the pruning as JSON-able data (torch-pruning's pruning history: root layer name,
-out/in-channel flag and the removed channel indices, round after round) plus the changed tensor
-shapes; :func:`rebuild_pruned` replays it on a fresh timm model so the safetensors weights load.
-Nothing is pickled (``torch.save(model)`` and ``tp.state_dict`` need ``weights_only=False``).
+Saving: :meth:`StudentPruner.structure` gives the pruning as JSON-able data, which
+:func:`training.pruned.rebuild_pruned` replays on a fresh timm model so the safetensors weights
+load (no pickle).
 
 After pruning, create any optimizer, EMA or scheduler anew: one made before holds the old
 parameters. ``num_features`` / ``head_hidden_size`` are re-measured here, so timm's
-``reset_classifier`` works again; size projectors with :func:`feature_dim`.
+``reset_classifier`` works again; size projectors with :func:`training.pruned.feature_dim`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
-import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from data.errors import UserError
-from training.modeling import eval_mode
+from core.errors import UserError
+from training.pruned import FORMAT, arch_of, on_device, rebuild_pruned, replay, shapes, sync_widths, traced
 from student.config import PruneConfig
 
-__all__ = ["IMPORTANCES", "StudentPruner", "cost", "feature_dim", "prune_channels", "rebuild_pruned"]
+__all__ = ["IMPORTANCES", "StudentPruner", "cost", "prune_channels"]
 
 #: Channel importance criteria, by ``prune.importance`` name. Taylor needs gradients in ``.grad``.
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -51,7 +47,6 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "fpgm": lambda: tp.importance.FPGMImportance(p=2),
 }
 
-_FORMAT = "torch-pruning-history/1"
 # Channel ratios tried, low to high, before bisecting: cost is not monotone in the ratio near 1
 # (layers that round_to would empty are left whole), so the first ratio that meets the target
 # is searched from below.
@@ -67,46 +62,13 @@ def _se_classes() -> tuple[type[nn.Module], ...]:
     return EfficientNetSE, SqueezeExcite, SEModule
 
 
-@contextlib.contextmanager
-def _traced(net: nn.Module) -> Iterator[None]:
-    """Eval mode (tracing must not update BatchNorm statistics) with autograd on (torch-pruning
-    traces the graph through ``grad_fn``)."""
-    with eval_mode(net), torch.enable_grad():
-        yield
-
-
-def _on_device(net: nn.Module, example: Tensor) -> Tensor:
-    param = next(net.parameters(), None)
-    return example if param is None else example.to(param.device)
-
-
 def cost(net: nn.Module, example: Tensor) -> tuple[int, int]:
     """(macs, params) from torch-pruning's counter; its "ops" are multiply-accumulates.
 
     Convolutions and linear layers at ``example``'s size; the net's train/eval mode is left as is.
     """
-    macs, params = tp.utils.count_ops_and_params(net, _on_device(net, example))
+    macs, params = tp.utils.count_ops_and_params(net, on_device(net, example))
     return int(macs), int(params)
-
-
-@torch.no_grad()
-def feature_dim(net: nn.Module, example: Tensor, *, pre_logits: bool = False) -> int:
-    """Channels of a real ``forward_features`` call (or, with ``pre_logits``, the width the
-    classifier takes, from ``forward_head(pre_logits=True)``): ``num_features`` is stale after
-    pruning. CNN maps (B, C, H, W) give C, token sequences (B, N, C) and vectors give the last dim."""
-    with eval_mode(net):
-        out = net.forward_features(_on_device(net, example))
-        if pre_logits:
-            out = net.forward_head(out, pre_logits=True)
-    return int(out.shape[1] if out.dim() == 4 else out.shape[-1])
-
-
-def _sync_widths(net: nn.Module, example: Tensor) -> None:
-    """Make timm's width attributes true again, so ``reset_classifier`` builds a fitting head."""
-    if hasattr(net, "num_features"):
-        net.num_features = feature_dim(net, example)
-    if hasattr(net, "head_hidden_size"):
-        net.head_hidden_size = feature_dim(net, example, pre_logits=True)
 
 
 def _importance(name: str) -> tp.importance.Importance:
@@ -134,18 +96,11 @@ def prune_channels(net: nn.Module, example: Tensor, ratio: float, *, importance:
     ignored: list[nn.Module] = [net.get_classifier()]
     if not prune_se:
         ignored += [m for m in net.modules() if isinstance(m, _se_classes())]
-    with _traced(net):
-        pruner = tp.pruner.BasePruner(net, _on_device(net, example), scorer, pruning_ratio=ratio,
+    with traced(net):
+        pruner = tp.pruner.BasePruner(net, on_device(net, example), scorer, pruning_ratio=ratio,
                                       global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored)
         pruner.step()
     return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.pruning_history()]
-
-
-def _replay(net: nn.Module, example: Tensor, history: list[list[Any]]) -> None:
-    """Prune ``net`` exactly as ``history`` says (the same channels, in the same order)."""
-    with _traced(net):
-        graph = tp.DependencyGraph().build_dependency(net, example_inputs=_on_device(net, example))
-        graph.load_pruning_history(history)
 
 
 def _clone(net: nn.Module) -> nn.Module:
@@ -155,15 +110,6 @@ def _clone(net: nn.Module) -> nn.Module:
         if theirs.grad is not None:
             mine.grad = theirs.grad.detach().clone()
     return twin
-
-
-def _arch(net: nn.Module) -> str | None:
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    return cfg.get("architecture")
-
-
-def _shapes(net: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in net.state_dict().items()}
 
 
 class StudentPruner:
@@ -182,7 +128,7 @@ class StudentPruner:
         self.net, self.example, self.cfg, self.loss_fn = net, example, cfg, loss_fn
         self.metric, self.kept = next(iter(cfg.target.items()))
         self.macs0, self.params0 = cost(net, example)
-        self._shapes0 = _shapes(net)
+        self._shapes0 = shapes(net)
         self._history: list[list[Any]] = []
         self.rounds: list[dict[str, Any]] = []
 
@@ -242,9 +188,9 @@ class StudentPruner:
             self.net.zero_grad(set_to_none=True)
             self.loss_fn(self.net).backward()
         ratio, history = self._solve(goal)
-        _replay(self.net, self.example, history)  # exactly the trial that met the goal
+        replay(self.net, self.example, history)  # exactly the trial that met the goal
         self.net.zero_grad(set_to_none=True)
-        _sync_widths(self.net, self.example)
+        sync_widths(self.net, self.example)
         self._history += history
         macs, params = cost(self.net, self.example)
         record = {"round": k, "steps": self.cfg.steps, "ratio": round(ratio, 6),
@@ -265,11 +211,11 @@ class StudentPruner:
 
     def structure(self) -> dict[str, Any]:
         """The pruning so far as JSON-able data, for ``meta.json`` and :func:`rebuild_pruned`."""
-        now = _shapes(self.net)
+        now = shapes(self.net)
         return {
-            "format": _FORMAT,
+            "format": FORMAT,
             "torch_pruning": version("torch-pruning"),
-            "arch": _arch(self.net),
+            "arch": arch_of(self.net),
             "input_size": list(self.example.shape),
             "target": dict(self.cfg.target),
             **self._options(),
@@ -279,29 +225,3 @@ class StudentPruner:
             "shapes": {k: v for k, v in now.items() if v != self._shapes0.get(k)},
             "history": [list(row) for row in self._history],
         }
-
-
-def rebuild_pruned(net_fresh: nn.Module, example: Tensor, structure: dict[str, Any]) -> nn.Module:
-    """Apply a saved :meth:`StudentPruner.structure` to a freshly created timm model of the same
-    arch, in place, so that the pruned model's ``state_dict`` then loads strictly."""
-    if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
-        found = structure.get("format") if isinstance(structure, dict) else type(structure).__name__
-        raise UserError(f"pruning structure: expected format '{_FORMAT}', found {found!r}; "
-                        "rerun the prune stage with --force")
-    arch, saved_arch = _arch(net_fresh), structure.get("arch")
-    if arch and saved_arch and arch != saved_arch:
-        raise UserError(f"pruning structure is for '{saved_arch}' but the model is '{arch}'")
-    before = _shapes(net_fresh)
-    try:
-        _replay(net_fresh, example, structure["history"])
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"pruning structure does not fit this '{arch}' model ({type(exc).__name__}: {exc}); "
-                        "was it saved for another architecture or model_kwargs?") from None
-    changed = {k: v for k, v in _shapes(net_fresh).items() if v != before.get(k)}
-    saved = structure.get("shapes", {})
-    if changed != saved:
-        name = min(k for k in changed.keys() | saved.keys() if changed.get(k) != saved.get(k))
-        raise UserError(f"pruning structure replays to other shapes than were saved (first: '{name}' "
-                        f"{changed.get(name)} vs saved {saved.get(name)}); rerun the prune stage with --force")
-    _sync_widths(net_fresh, example)
-    return net_fresh

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.schema import FieldError
+from core.schema import FieldError
 from training.config import ModelConfig
 
 __all__ = ["TeacherConfig"]

@@ -1,51 +1,20 @@
-"""The ViT teacher: any timm vision transformer, from hub weights, a local file, or from scratch."""
+"""The teacher: a timm vision transformer by default (any timm model works), from hub weights, a
+local file, or from scratch; and its fine-tuning optimizer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from timm.layers import PatchEmbed
 from timm.optim import create_optimizer_v2
 from torch import nn
 
 from data.transforms import model_view
 from teacher.config import TeacherConfig
-from training.modeling import Classifier, create_network
+from training.modeling import Classifier
+from training.networks import teacher_network
 
-__all__ = ["ConvStemEmbed", "teacher_network", "build_teacher", "teacher_optimizer"]
-
-
-class ConvStemEmbed(PatchEmbed):
-    """timm's patch embedding with the single patchify convolution replaced by a convolutional
-    stem: log2(patch) stride-2 3x3 convolutions with BatchNorm and ReLU, widths doubling up to the
-    embedding width, then a 1x1 projection (Xiao et al. 2021, https://arxiv.org/abs/2106.14881).
-
-    Same grid, same token shape, so everything downstream of the stem is a plain ViT.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        patch, dim, chans = self.patch_size[0], self.proj.out_channels, self.proj.in_channels
-        if patch != self.patch_size[1] or patch & (patch - 1) or patch < 2:
-            raise ValueError(f"teacher.conv_stem needs a square power-of-two patch size, got {self.patch_size}")
-        n = patch.bit_length() - 1
-        layers: list[nn.Module] = []
-        for i in range(n):
-            width = max(16, dim // 2 ** (n - 1 - i))
-            layers += [nn.Conv2d(chans, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            chans = width
-        layers.append(nn.Conv2d(chans, dim, 1))
-        self.proj = nn.Sequential(*layers)
-
-
-def teacher_network(arch: str, *, conv_stem: bool = False, **kwargs: Any) -> nn.Module:
-    """The teacher's timm network; with ``conv_stem`` its patch embedding is a :class:`ConvStemEmbed`."""
-    model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
-    if conv_stem:
-        model_kwargs["embed_layer"] = ConvStemEmbed
-    return create_network(arch, model_kwargs=model_kwargs, key="teacher.arch", **kwargs)
+__all__ = ["build_teacher", "teacher_optimizer"]
 
 
 def build_teacher(cfg: TeacherConfig) -> Classifier:

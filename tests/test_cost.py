@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from profiling.cost import count_macs, count_params, file_size_mb
+from profiling.cost.counting import count_macs, count_params, file_size_mb
 
 
 def toy_net() -> nn.Sequential:

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import write_image
 from data.config import DataConfig
 from data.dedup import cross_split_duplicates, hamming_matrix
-from data.errors import UserError
+from core.errors import UserError
 from data.images import BadImage, open_rgb, phash_bits, square, thumbnail
 from data.manifest import Sample, read_manifest
 from data.prepare import LeakageWarning, prepare_data
@@ -152,7 +152,8 @@ def test_prepare_folder_writes_reports_and_reuses_manifest(tmp_path: Path) -> No
     cfg = DataConfig(source="folder", path=str(tmp_path / "ds"), split=(0.5, 0.25, 0.25))
     data = prepare_data(cfg, tmp_path / "run" / "data", seed=0)
     out = tmp_path / "run" / "data"
-    assert {p.name for p in out.iterdir()} == {"manifest.csv", "report.json", "duplicates.json", "skipped.csv"}
+    assert {p.name for p in out.iterdir()} == {"manifest.csv", "report.json", "duplicates.json", "skipped.csv",
+                                               "stage.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["train"] == {"normal": 12, "defect": 6}
     assert report["duplicates"]["pairs"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image
-from data.errors import UserError
+from core.errors import UserError
 from data.folder import read_folder
 from data.yolo import label_path_for, read_yolo
 

@@ -13,7 +13,8 @@ from data.transforms import ModelView
 from distill.config import DistillConfig
 from distill.steps import StudentTrainee, distill_step, make_projector
 from distill.teacher_cache import TeacherCache, build_teacher_cache
-from training.modeling import Classifier, create_network
+from training.modeling import Classifier
+from training.networks import create_network
 
 CPU = torch.device("cpu")
 
@@ -89,6 +90,28 @@ def test_distill_step_trains_only_the_student(loss: str) -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     if loss == "feature":
         assert "feature" in out and trainee.projector.proj.weight.grad is not None
+
+
+def test_function_matching_gives_the_teacher_the_same_mixed_batch_in_eval_mode() -> None:
+    """With mixup, the teacher must score exactly the mixed images the student sees (function
+    matching), in eval mode (no dropout, no BatchNorm updates) even while the student trains."""
+    from distill.losses import mixup
+
+    teacher, student = _teacher(), _student()
+    seen: list[tuple[torch.Tensor, bool]] = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append((args[0].clone(), module.training)))
+    student_inputs: list[torch.Tensor] = []
+    student.register_forward_hook(lambda module, args, out: student_inputs.append(args[0].clone()))
+    step = distill_step(teacher, DistillConfig(loss="kd", mixup=0.4), generator=torch.Generator().manual_seed(3))
+    trainee = StudentTrainee(student).train()  # what the fit loop does before every epoch
+    images, labels, index, views = next(iter(_train_loader(views=None)))
+    step(trainee, (images, labels, index, views))
+    expected, _, lam = mixup(images, labels, 0.4, torch.Generator().manual_seed(3))
+    assert 0.0 < lam < 1.0 and not torch.equal(expected, images)  # a real mix, not the plain batch
+    (teacher_input, teacher_training), = seen
+    assert not teacher_training
+    torch.testing.assert_close(teacher_input, expected, rtol=0, atol=0)
+    torch.testing.assert_close(student_inputs[0], expected, rtol=0, atol=0)
 
 
 def test_cached_step_uses_the_cache_not_the_teacher() -> None:

@@ -25,7 +25,10 @@ teacher:
   layer_decay: null
   epochs: 1
   batch_size: 16
-student: {{arch: mobilenetv3_small_100, pretrained: false, img_size: 32, epochs: 1, batch_size: 16}}
+# GroupNorm instead of BatchNorm: no per-process statistics, so the student can be held to the
+# same bound as the teacher (CPU processes cannot share BatchNorm statistics: SyncBatchNorm needs a GPU).
+student: {{arch: resnet10t, pretrained: false, img_size: 32, epochs: 1, batch_size: 16,
+          model_kwargs: {{norm_layer: groupnorm1}}}}
 prune: {{target: {{macs: 0.6}}, steps: 1, epochs: 1, batch_size: 16}}
 export: {{int8: false}}
 """
@@ -51,14 +54,13 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         runs[name] = tmp_path / "runs" / name
     single, ddp = runs["single"], runs["ddp"]
-    # The teacher has no BatchNorm: two half-batches with averaged gradients are the full batch,
-    # so the two runs agree to float rounding.
-    t1, t2 = _probs(single, "teacher"), _probs(ddp, "teacher")
-    assert len(t1) == len(t2) == 192
-    assert max(abs(a - b) for a, b in zip(t1, t2)) < 1e-4
-    # The student's BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not equal.
-    s1, s2 = _probs(single, "student"), _probs(ddp, "student")
-    assert sum(abs(a - b) for a, b in zip(s1, s2)) / len(s1) < 0.15
+    # No model here has BatchNorm: two half-batches with averaged gradients are the full batch, so
+    # every model of the two runs agrees to float rounding. A shard that repeated or dropped images,
+    # or gradients left unaveraged, would move the probabilities far more than this.
+    for model in ("teacher", "student", "student_pruned"):
+        p1, p2 = _probs(single, model), _probs(ddp, model)
+        assert len(p1) == len(p2) == 192
+        assert max(abs(a - b) for a, b in zip(p1, p2)) < 1e-4, model
     # Rank 0 alone wrote one complete run: every stage finished, the export verified.
     for model in ("teacher", "student", "student_pruned"):
         meta = json.loads((ddp / model / "meta.json").read_text())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from data.config import DEFECT_TYPES
 from data.synth import render
-from profiling.explain import gradcam, overlay, target_layer
+from deploy.explain import gradcam, overlay, target_layer
 from student.prune import prune_channels
 
 

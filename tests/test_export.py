@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 
-from data.errors import UserError
-from student.export import export_onnx, onnx_logits, onnx_session, quantize_int8, read_metadata, verify_onnx
+from core.errors import UserError
+from deploy.export import export_onnx, quantize_int8, read_metadata, verify_onnx
+from deploy.runtime import onnx_logits, onnx_session
 from student.prune import prune_channels
 
 SIZE = 32

@@ -400,7 +400,7 @@ def test_changed_config_refused_for_a_finished_stage(teacher_run: tuple[Path, Pa
     # The way out offered: --force redoes the stage with the new config.
     assert _main([str(cfg), "--stages", "data,teacher", "teacher.epochs=1", "teacher.lr=0.002",
                   "--force", "teacher"]) == 0
-    assert json.loads((run_dir / "teacher" / "meta.json").read_text())["config"]["teacher"]["lr"] == 0.002
+    assert json.loads((run_dir / "teacher" / "stage.json").read_text())["config"]["teacher"]["lr"] == 0.002
 
 
 def test_changed_config_refused_for_an_interrupted_stage(teacher_run: tuple[Path, Path],
@@ -434,7 +434,7 @@ def test_changed_config_refused_for_the_data_stage(teacher_run: tuple[Path, Path
 
 
 def test_refused_rerun_keeps_the_config_the_run_was_made_with(teacher_run: tuple[Path, Path]) -> None:
-    """config.yaml is 'the resolved config, as run' (DESIGN.md); a refused rerun must not rewrite it."""
+    """config.yaml is 'the resolved config, as run' (README); a refused rerun must not rewrite it."""
     cfg, run_dir = teacher_run
     assert _main([str(cfg), "--stages", "data"]) == 0
     before = (run_dir / "config.yaml").read_text()

@@ -17,20 +17,10 @@ import torch
 from onnxruntime.quantization import quantize_dynamic
 from torch import nn
 
-from profiling import latency
-from profiling.latency import (
-    BusyCpuWarning,
-    EagerRunner,
-    LatencyStats,
-    OnnxRunner,
-    ideal_ms,
-    matmul_peak_gflops,
-    measure,
-    peak_memory_mb,
-    profile_latency,
-    summarize,
-)
-from profiling.machine import CpuTimes, cpu_times, machine_info, other_load
+from profiling.cost import latency
+from profiling.cost.latency import (BusyCpuWarning, EagerRunner, LatencyStats, OnnxRunner, ideal_ms, matmul_peak_gflops, measure, profile_latency, summarize)
+from profiling.cost.memory import peak_memory_mb
+from profiling.cost.machine import CpuTimes, cpu_times, machine_info, other_load
 
 FAST = {"warmup": 1, "runs": 5}
 

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import (
-    LOSSES, FeatureKDLoss, FeatureProjector, HardDistillationLoss, KDLoss, cross_entropy,
-    feature_kd_loss, feature_loss, hard_distillation_loss, kd_loss, make_loss, mixup,
+    FeatureProjector, cross_entropy, feature_kd_loss, feature_loss, hard_distillation_loss, kd_loss, mixup,
 )
 
 LN3 = math.log(3.0)
@@ -189,13 +188,13 @@ def test_gradients_reach_only_student_and_projector() -> None:
     logits, fmap = student(torch.randn(2, 3, 16, 16))  # fmap: 4x4
     teacher_logits = torch.randn(2, 2, requires_grad=True)
     teacher_tokens = torch.randn(2, 1 + 2 * 3, 8, requires_grad=True)  # non-square 2x3 grid
-    loss = FeatureKDLoss(FeatureProjector(6, 8, (2, 3), num_prefix_tokens=1), temperature=2.0,
-                         alpha=0.5, feature_weight=0.5)
-    out = loss(logits, teacher_logits, torch.tensor([0, 1]), fmap, teacher_tokens)
+    projector = FeatureProjector(6, 8, (2, 3), num_prefix_tokens=1)
+    out = feature_kd_loss(logits, teacher_logits, torch.tensor([0, 1]), fmap, teacher_tokens, projector,
+                          temperature=2.0, alpha=0.5, feature_weight=0.5)
     assert set(out) == {"loss", "ce", "kd", "feature"}
     out["loss"].backward()
     assert teacher_logits.grad is None and teacher_tokens.grad is None
-    for module in (student.body, student.head, loss.projector):
+    for module in (student.body, student.head, projector):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
@@ -241,17 +240,3 @@ def test_mixup_alpha_zero_is_off() -> None:
     assert torch.equal(gen.get_state(), state)
     with pytest.raises(ValueError, match=">= 0"):
         mixup(images, targets, -1.0, gen)
-
-
-# ---- modules and the dict ---------------------------------------------------------------------
-
-def test_modules_match_functions_and_make_loss() -> None:
-    s, t, y = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
-    kd = make_loss("kd", temperature=3.0, alpha=0.3, class_weights=[1.0, 2.0])
-    assert isinstance(kd, KDLoss) and isinstance(make_loss("hard"), HardDistillationLoss)
-    assert torch.allclose(kd(s, t, y)["loss"],
-                          kd_loss(s, t, y, 3.0, 0.3, class_weights=torch.tensor([1.0, 2.0]))["loss"])
-    assert "class_weights" in dict(kd.named_buffers())  # moves with .to(device)
-    assert set(LOSSES) == {"kd", "hard", "feature"}
-    with pytest.raises(ValueError, match="feature, hard, kd"):
-        make_loss("dkd")

@@ -1,4 +1,4 @@
-"""python -m distill.predict: mixed good and broken files, PyTorch and ONNX agreeing, the training
+"""python -m deploy.predict: mixed good and broken files, PyTorch and ONNX agreeing, the training
 view, which model a run deploys, Grad-CAM overlays, and user errors."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import write_image
-from data.errors import UserError
+from core.errors import UserError
 from data.images import open_rgb, square
 from data.transforms import ModelView, to_float
-from distill.predict import collect_images, deployed_model, main
-from student.export import export_onnx
+from deploy.predict import collect_images, deployed_model, main
+from deploy.export import export_onnx
 from training.modeling import Classifier, save_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,12 +106,12 @@ def test_mixed_folder_from_model_dir_and_onnx_agree(run_dir, images, tmp_path, c
 def test_predicts_what_the_training_view_gives(run_dir, images, tmp_path, crop_pct):
     """Each image, whatever its size, decoded, cropped and squashed to a square as the data loader
     does with the run's data.crop_pct, then the Classifier's own view: the command's probability."""
-    from distill.stages import load_model
+    from training.modeling import load_model
 
     model_dir = tmp_path / "student"
     shutil.copytree(run_dir / "student", model_dir)
     meta = json.loads((model_dir / "meta.json").read_text())
-    meta["config"]["data"]["crop_pct"] = crop_pct
+    meta["crop_pct"] = crop_pct
     (model_dir / "meta.json").write_text(json.dumps(meta))
     model = load_model(model_dir)
     assert main([str(model_dir), str(images), "--out", str(tmp_path / "p.json"), "--threshold", "0.7"]) == 0
@@ -128,8 +128,8 @@ def test_predicts_what_the_training_view_gives(run_dir, images, tmp_path, crop_p
 
 def test_an_onnx_file_alone_carries_its_crop(run_dir, images, tmp_path):
     """Copied away from its run, the ONNX file still crops as in training: crop_pct is in its metadata."""
-    from distill.stages import load_model
-    from student.export import update_metadata
+    from training.modeling import load_model
+    from deploy.export import update_metadata
 
     alone = tmp_path / "elsewhere" / "model.onnx"
     alone.parent.mkdir()
@@ -210,7 +210,7 @@ def test_globs_missing_paths_and_duplicates(images, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distill.predict", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deploy.predict", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -227,7 +227,7 @@ def test_user_errors_exit_2_without_traceback(run_dir, images, tmp_path, what, m
 
 
 def test_onnx_path_imports_no_training_stack(run_dir, images):
-    code = ("import sys; from distill.predict import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from deploy.predict import main; rc = main(sys.argv[1:]); "
             "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'onnx') if m in sys.modules)); sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code, str(run_dir / "export" / "student.onnx"), str(images)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

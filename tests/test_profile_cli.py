@@ -12,36 +12,33 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch_pruning as tp
-from safetensors.torch import save_file
 
-from data.errors import UserError
-from profiling.profile import load_model_dir, main, onnx_entry, timm_entry
+from core.errors import UserError
+from data.transforms import ModelView
+from profiling.profile import main, model_dir_entry, onnx_entry, timm_entry
+from student.config import PruneConfig
+from student.prune import StudentPruner
+from training.modeling import Classifier, save_artifact
 
 ARCH = "mobilenetv3_small_050"
 FAST = ["--runtimes", "eager", "onnx", "--runs", "2", "--warmup", "0", "--no-memory", "--allow-busy"]
 
 
 def _pruned_model_dir(folder: Path) -> tuple[Path, torch.nn.Module]:
-    """A pruned student saved as the prune stage saves it: history in meta.json, weights in safetensors."""
+    """A pruned student saved exactly as the prune stage saves it: StudentPruner.structure() in
+    meta.json (through save_artifact), weights in safetensors."""
     torch.manual_seed(0)
     net = timm.create_model(ARCH, pretrained=False, num_classes=2).eval()
-    example = torch.zeros(1, 3, 32, 32)
-    with torch.enable_grad():
-        pruner = tp.pruner.BasePruner(net, example, tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.25,
-                                      round_to=8, ignored_layers=[net.get_classifier()])
-        pruner.step()
-    history = json.loads(json.dumps(pruner.pruning_history()))  # as it goes through meta.json
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
-    meta = {"arch": ARCH, "img_size": 32, "pruning": {"arch": ARCH, "history": history}}
-    (folder / "meta.json").write_text(json.dumps(meta))
+    pruner = StudentPruner(net, torch.zeros(1, 3, 32, 32), PruneConfig(target={"macs": 0.6}))
+    pruner.step()
+    model = Classifier(net, ModelView(32, (0.5,) * 3, (0.25,) * 3), ARCH)
+    save_artifact(folder, model, {"pruning": json.loads(json.dumps(pruner.structure()))})  # as JSON keeps it
     return folder, net
 
 
 def test_a_pruned_model_directory_reloads_to_identical_outputs(tmp_path: Path) -> None:
     folder, pruned = _pruned_model_dir(tmp_path / "run" / "student_pruned")
-    entry = load_model_dir(folder)
+    entry = model_dir_entry(folder)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(entry.net(x), pruned(x), rtol=0, atol=0)
@@ -56,7 +53,7 @@ def test_a_model_directory_whose_weights_do_not_fit_is_a_user_error(tmp_path: Pa
     del meta["pruning"]  # the unpruned shapes cannot take the pruned weights
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not fit the architecture"):
-        load_model_dir(folder)
+        model_dir_entry(folder)
 
 
 def test_timm_names_take_their_own_size_or_the_one_given() -> None:

@@ -9,9 +9,10 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.errors import UserError
+from core.errors import UserError
 from student.config import PruneConfig
-from student.prune import StudentPruner, cost, feature_dim, prune_channels, rebuild_pruned
+from student.prune import StudentPruner, cost, prune_channels
+from training.pruned import feature_dim, rebuild_pruned
 
 SIZE = 32  # the smallest input these students trace at; cost ratios barely depend on it
 STUDENTS = ["mobilenetv3_small_100", "mobilenetv3_large_100", "efficientnet_b0"]

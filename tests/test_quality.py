@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
-from profiling.quality import (
-    BOOTSTRAP_METRICS,
-    _resampled_metrics,
-    agreement,
-    binary_metrics,
-    bootstrap_ci,
-    mean_kl,
-    pr_points,
-    roc_points,
-)
+from core.errors import UserError
+from profiling.report.quality import (BOOTSTRAP_METRICS, _resampled_metrics, agreement, binary_metrics, bootstrap_ci, mean_kl, pr_points, roc_points)
 
 # 3 defects, 5 normals. No score sits on a 15-bin edge (multiples of 1/15), so the ECE is unambiguous.
 PROBS = [0.9, 0.5, 0.3, 0.7, 0.5, 0.25, 0.1, 0.45]

@@ -20,17 +20,20 @@ from conftest import write_image
 from torch import nn
 
 from data.config import SyntheticConfig
-from data.errors import UserError
+from core.errors import UserError
 from data.images import open_rgb, square
 from data.loader import synthetic_pixels
 from data.manifest import Sample
-from profiling.config import RUNTIME_NAMES, ConstraintsConfig, ProfileConfig
-from profiling.constraints import choose_deployed
-from profiling.latency import RUNTIMES
-from profiling.measure import ModelEntry, measure
-from profiling.report import build_report, main
-from profiling.report_plots import load_images
-from profiling.runfiles import read_run
+from profiling.cost.config import RUNTIME_NAMES, ProfileConfig
+from profiling.report.config import ConstraintsConfig
+from profiling.report.constraints import choose_deployed
+from profiling.cost.latency import RUNTIMES
+from profiling.cost.profile_model import ModelEntry
+from profiling.report.measure import measure
+from profiling.report.build import build_report
+from profiling.report.__main__ import main
+from profiling.report.figures import load_images
+from profiling.report.runfiles import read_run
 
 # Validation: F1 is highest (1.0) at threshold 0.6, where both defects and no normal are called defect.
 VAL = ([0.1, 0.2, 0.3, 0.6, 0.7], [0, 0, 0, 1, 1])
@@ -57,7 +60,7 @@ def _write_predictions(path: Path, splits: dict[str, tuple[list[float], list[int
 
 
 def _profile(models: dict[str, float], int8_ms: float) -> dict:
-    """A profile.json as profiling.measure writes it: ``models`` maps a name to its onnx_b1 median."""
+    """A profile.json as profiling.report.measure writes it: ``models`` maps a name to its onnx_b1 median."""
     def stat(runtime: str, ms: float | None, skipped: str | None = None) -> dict:
         return {"runtime": runtime, "batch": 1, "threads": 2, "device": "cpu (test)", "median_ms": ms,
                 "p90_ms": ms and ms * 1.1, "mean_ms": ms, "std_ms": 0.0, "min_ms": ms, "max_ms": ms, "runs": 30,
@@ -208,8 +211,14 @@ def test_the_deployed_model_is_the_fastest_that_passes(default_report: dict) -> 
     rows = copy.deepcopy(default_report["models"])
     everything = ConstraintsConfig(max_latency_ms=10.0)
     assert choose_deployed(rows, everything)["model"] == "student_pruned_int8"
-    rows["student_pruned_int8"]["test"]["recall"] = 0.5  # int8 loses recall: the fp32 model is deployed
-    rows["student_pruned"]["test"]["recall"] = 0.99
+    # The choice reads validation, as the threshold does: int8 losing recall on test alone changes nothing ...
+    for name in ("student_pruned", "student_pruned_int8"):
+        rows[name]["splits"]["val"]["recall"] = rows[name]["test"]["recall"] = 0.99
+    rows["student_pruned_int8"]["test"]["recall"] = 0.5
+    chosen = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0, min_recall=0.95))
+    assert chosen["model"] == "student_pruned_int8" and not chosen["passed"]  # ... and test then shows the miss
+    # ... while int8 losing recall on validation deploys the fp32 model.
+    rows["student_pruned_int8"]["splits"]["val"]["recall"] = 0.5
     chosen = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0, min_recall=0.95))
     assert chosen["model"] == "student_pruned" and chosen["passed"] and "only candidate" in chosen["why"]
     # an int8 model has no eager figure: on `eager` it cannot meet a latency bound
@@ -239,14 +248,25 @@ def test_a_validation_split_without_defects_is_a_clear_error(tmp_path: Path, cap
     assert err.startswith("error: teacher: the validation split has no defect images") and "Traceback" not in err
 
 
-def test_the_stored_threshold_is_applied_at_the_precision_predictions_are_saved(tmp_path: Path) -> None:
+def test_saved_probabilities_keep_float32_precision(tmp_path: Path) -> None:
+    """A stage stores float32 scores and a float32 threshold; predictions.csv must give them back
+    exactly, or a validation image scored at the threshold could change sides in the report."""
+    from core.rundir import read_predictions, write_predictions
+
     run = make_run(tmp_path)
+    scores = np.float32([0.1, 0.2, 0.3, 0.6, 0.7, 0.99999994, 1e-7 + 0.6])  # neighbours of 0.6 and 1.0
+    labels = [0, 0, 0, 1, 1, 1, 1]
+    rows = [(sp, i, f"{sp}_{i}.png", y, float(p), 0.0, float(p)) for sp in ("train", "val", "test")
+            for i, (p, y) in enumerate(zip(scores, labels))]
+    write_predictions(run / "student" / "predictions.csv", rows)
+    back = read_predictions(run / "student" / "predictions.csv")["val"].probs
+    assert np.array_equal(back.astype(np.float32), scores) and np.array_equal(back, scores.astype(np.float64))
     meta = json.loads((run / "student" / "meta.json").read_text())
-    meta["threshold"] = 0.6000000238418579  # float32 0.6, as a stage stores it; the csv says 0.6
+    meta["threshold"] = float(np.float32(0.6))  # as a stage stores it: 0.6000000238418579
     (run / "student" / "meta.json").write_text(json.dumps(meta))
     row = build_report(run, plots=False)["models"]["student"]
-    assert row["splits"]["val"]["recall"] == 1.0  # the validation defect scored 0.6 stays a defect
-    assert row["threshold_check"]["agrees"] and row["threshold_check"]["rechosen_on_val"] == 0.6
+    assert row["splits"]["val"]["recall"] == 1.0  # the validation defect scored exactly at it stays a defect
+    assert row["threshold_check"]["agrees"]
 
 
 def test_a_stored_threshold_that_validation_does_not_give_is_reported(tmp_path: Path) -> None:

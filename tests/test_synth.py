@@ -10,7 +10,9 @@ import yaml
 from PIL import Image
 
 from data.config import DEFECT_TYPES, SyntheticConfig
-from data.synth import main, render, render_sample, write_dataset, write_grid
+from data.synth import render, render_sample
+from data.synth.__main__ import main
+from data.synth.writer import write_dataset, write_grid
 from data.yolo import parse_label_file, read_yolo
 
 SEEDS = (0, 1, 2)

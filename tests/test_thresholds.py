@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
-from profiling.quality import binary_metrics
-from profiling.thresholds import ThresholdChoice, choose_threshold
+from core.errors import UserError
+from profiling.report.quality import binary_metrics
+from profiling.report.thresholds import ThresholdChoice, choose_threshold
 
 # Overlapping scores, 5 defects (D) and 5 normals (N), listed from the highest score down.
 # Decision "defect when prob >= t"; at each distinct score t (hand-counted):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.errors import UserError
+from core import provenance
+from core.errors import UserError
 from data.loader import InspectionDataset, make_loader
 from data.manifest import Sample
 from data.transforms import ModelView
@@ -20,7 +21,8 @@ from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.engine import NonFiniteLoss, evaluate, pick_device
 from training.loop import fit
-from training.modeling import Classifier, create_network, load_meta, load_weights, save_artifact
+from training.modeling import Classifier, load_meta, load_weights, save_artifact
+from training.networks import create_network
 
 CPU = torch.device("cpu")
 
@@ -98,13 +100,20 @@ def test_killed_run_resumes_and_ends_equal(tmp_path: Path) -> None:
     assert len(rows) == 4 and rows[0].startswith("epoch,")
 
 
-def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_config_or_input(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1)
-    fit(_model(), _ce_step, *_loaders(), cfg, tmp_path, device=CPU, config={"lr": 1e-3}, name="teacher",
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"one teacher")
+    record = provenance.make("student", {"lr": 1e-3}, {"teacher": weights})
+    fit(_model(), _ce_step, *_loaders(), cfg, tmp_path / "s", device=CPU, record=record, name="student",
         log=lambda s: None)
-    with pytest.raises(UserError, match=r"different config \(lr: 0.001 -> 0.002\).*--force teacher"):
-        fit(_model(), _ce_step, *_loaders(), TrainConfig(epochs=2), tmp_path, device=CPU, config={"lr": 2e-3},
-            name="teacher", log=lambda s: None)
+    with pytest.raises(UserError, match=r"different config \(lr: 0.001 -> 0.002\).*--force student"):
+        fit(_model(), _ce_step, *_loaders(), TrainConfig(epochs=2), tmp_path / "s", device=CPU,
+            record=provenance.make("student", {"lr": 2e-3}, {"teacher": weights}), name="student", log=lambda s: None)
+    weights.write_bytes(b"another teacher")
+    with pytest.raises(UserError, match=r"started from other inputs \(changed: teacher\)"):
+        fit(_model(), _ce_step, *_loaders(), TrainConfig(epochs=2), tmp_path / "s", device=CPU,
+            record=provenance.make("student", {"lr": 1e-3}, {"teacher": weights}), name="student", log=lambda s: None)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
@@ -121,11 +130,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
 
 
 def test_early_stopping(tmp_path: Path) -> None:
-    def frozen_step(model, batch):  # no learning: val loss never improves after epoch 1
+    def frozen_step(model, batch):  # zero gradients, no forward pass (BatchNorm statistics stay)
         return {"loss": sum(p.sum() for p in model.parameters()) * 0.0}
 
-    result = fit(_model(), frozen_step, *_loaders(), TrainConfig(epochs=6, patience=2, monitor="val_loss"), tmp_path,
-                 device=CPU, log=lambda s: None)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Without weight decay AdamW cannot move a weight whose gradient is zero: truly frozen, so the
+    # validation loss is the same every epoch and never improves after epoch 1.
+    cfg = TrainConfig(epochs=6, patience=2, monitor="val_loss", weight_decay=0.0)
+    result = fit(model, frozen_step, *_loaders(), cfg, tmp_path, device=CPU, log=lambda s: None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len({row["val_loss"] for row in result.history}) == 1
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from data.errors import UserError
-from data.files import atomic_write
+from core.errors import UserError
+from core.files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 

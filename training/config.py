@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from data.schema import FieldError
+from core.schema import FieldError
 
 __all__ = ["TrainConfig", "ModelConfig"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.errors import UserError
+from core.errors import UserError
 
 __all__ = ["Batch", "StepFn", "Precision", "pick_device", "precision_for", "train_one_epoch", "evaluate",
            "EvalOutput", "NonFiniteLoss"]

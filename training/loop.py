@@ -23,9 +23,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
-from data.errors import UserError
-from data.files import atomic_write, atomic_write_rows
-from data.schema import changed_keys
+from core import provenance
+from core.errors import UserError
+from core.files import atomic_write, atomic_write_rows
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.distributed import SINGLE, Dist, barrier, gather_eval
@@ -75,24 +75,29 @@ def _save_best(module: nn.Module, path: Path) -> None:
     atomic_write(path, lambda p: save_file(state, str(p)))
 
 
-def _at(tree: dict[str, Any], dotted: str) -> Any:
+def _at(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
 
-def _check_same_config(saved: str | None, config: dict[str, Any] | None, name: str, path: Path) -> None:
-    if saved is None or config is None:
+def _check_same_record(saved: str | None, record: dict[str, Any] | None, name: str, path: Path) -> None:
+    """A checkpoint resumes only the stage it was started for: the same config, from the same inputs."""
+    if saved is None or record is None:
         return
     old = json.loads(saved)
-    new = json.loads(json.dumps(config, default=str))
-    if old == new:
+    verdict = provenance.compare(old, record)
+    if verdict.same:
         return
-    changed = changed_keys(old, new)
-    details = ", ".join(f"{k}: {_at(old, k)!r} -> {_at(new, k)!r}" for k in changed[:8])
+    if verdict.state == "config":
+        before, now = old.get("config") or {}, json.loads(json.dumps(record.get("config"), default=str))
+        what = "with a different config (" + ", ".join(
+            f"{k}: {_at(before, k)!r} -> {_at(now, k)!r}" for k in verdict.changed[:8]) + ")"
+    else:
+        what = f"from other inputs (changed: {', '.join(verdict.changed)})"
     raise UserError(
-        f"the {name} stage in '{path.parent}' was started with a different config ({details}); a resumed stage "
-        f"must not mix settings. Rerun with --force {name} to start it again, or choose a new run.name"
+        f"the {name} stage in '{path.parent}' was started {what}; a resumed stage must not mix them. Rerun with "
+        f"--force {name} to start it again, or choose a new run.name"
     )
 
 
@@ -109,7 +114,7 @@ def fit(
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     channels_last: bool = False,
     name: str = "train",
-    config: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
     dist: Dist = SINGLE,
     log: Callable[[str], None] = print,
 ) -> FitResult:
@@ -153,7 +158,7 @@ def fit(
     start, history, best_score, best_epoch, bad_epochs, resumed_at = 0, [], math.nan, 0, 0, None
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        _check_same_config(state.get("config"), config, name, ckpt_path)
+        _check_same_record(state.get("config"), record, name, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -206,7 +211,7 @@ def fit(
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
                     "epoch": epoch + 1, "history": history, "best_score": best_score, "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs, "config": json.dumps(config, default=str) if config is not None else None,
+                    "bad_epochs": bad_epochs, "config": json.dumps(record, default=str) if record is not None else None,
                 }, ckpt_path)
             barrier(dist)  # no rank runs ahead of the checkpoint it would resume from
             log(f"[{name}] epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "

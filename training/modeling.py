@@ -5,8 +5,9 @@ network expects (:class:`data.transforms.ModelView`), and returns logits. Teache
 are both Classifiers, so one batch can feed both.
 
 A finished model is ``model.safetensors`` (the network's weights) plus ``meta.json`` (arch,
-classes, input size, mean/std, decision threshold, metrics, config hash, and for a pruned
-student its channel structure). Loading never unpickles anything.
+classes, input size, mean/std, decision threshold, metrics, and for a pruned student its channel
+structure). :func:`load_model` is the one way to rebuild a finished model directory, used by the
+runner, the report, ``profiling.profile`` and ``predict``; it never unpickles anything.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.errors import UserError
+from core.files import atomic_write, atomic_write_text
+from core.rundir import META, WEIGHTS, read_json
 from data import CLASS_NAMES
-from data.errors import UserError
-from data.files import atomic_write, atomic_write_text
 from data.transforms import ModelView
 
-__all__ = ["eval_mode", "Classifier", "save_artifact", "load_meta", "load_weights", "is_finished", "ARTIFACT", "META"]
-
-ARTIFACT, META = "model.safetensors", "meta.json"
+__all__ = ["eval_mode", "Classifier", "save_artifact", "load_meta", "load_weights", "load_model"]
 
 
 @contextlib.contextmanager
@@ -81,28 +81,21 @@ def save_artifact(stage_dir: Path, model: Classifier, meta: dict[str, Any]) -> N
     """Write ``model.safetensors`` then ``meta.json`` (whose presence marks the stage finished)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-    atomic_write(stage_dir / ARTIFACT, lambda p: save_file(state, str(p)))
+    atomic_write(stage_dir / WEIGHTS, lambda p: save_file(state, str(p)))
     full = {**model.describe(), **meta}
     atomic_write_text(stage_dir / META, json.dumps(full, indent=2, default=float))
-
-
-def is_finished(stage_dir: Path) -> bool:
-    return (stage_dir / META).is_file() and (stage_dir / ARTIFACT).is_file()
 
 
 def load_meta(stage_dir: Path) -> dict[str, Any]:
     path = stage_dir / META
     if not path.is_file():
         raise UserError(f"no finished model in '{stage_dir}' ({META} is missing); run its stage first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); rerun the stage with --force") from None
+    return read_json(path)
 
 
 def load_weights(net: nn.Module, stage_dir: Path) -> nn.Module:
     """Load ``model.safetensors`` into a network of the right shape (strict)."""
-    path = stage_dir / ARTIFACT
+    path = stage_dir / WEIGHTS
     if not path.is_file():
         raise UserError(f"'{path}' is missing; run the stage that makes it first")
     try:
@@ -117,89 +110,28 @@ def load_weights(net: nn.Module, stage_dir: Path) -> nn.Module:
     return net
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+def load_model(stage_dir: Path) -> Classifier:
+    """A finished model directory rebuilt from ``meta.json`` and ``model.safetensors``, no pickle:
+    the timm network (with the ViT's convolutional stem when it had one), its pruning replayed when
+    it was pruned, then the weights loaded strictly."""
+    from training.networks import create_network, teacher_network
 
-
-def check_arch(arch: str, key: str) -> None:
-    """An unknown timm architecture is an error with the closest names timm knows."""
-    import difflib
-
-    import timm
-
-    if timm.is_model(arch):
-        return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models() for the names"
-    raise UserError(f"unknown timm architecture '{arch}' ({key}){hint}")
-
-
-def _read_weights(path: Path, section: str) -> dict[str, torch.Tensor]:
-    """A local weights file as a state dict, never unpickling code: safetensors, or
-    ``torch.load(weights_only=True)`` (whatever timm version is installed)."""
-    if path.suffix.lower() == ".safetensors":
-        return load_file(str(path))
+    stage_dir = Path(stage_dir)
+    meta = load_meta(stage_dir)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for damage
-        raise UserError(f"{section}.weights: '{path}' cannot be loaded safely ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); save it as .safetensors") from None
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # common training-script wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{section}.weights: '{path}' holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        arch, size = meta["arch"], int(meta["img_size"])
+        view = ModelView(size, meta["mean"], meta["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{stage_dir / META} lacks {exc} (arch, img_size, mean, std); it was not written by this "
+                        "project's pipeline, or is damaged: rerun its stage with --force") from None
+    kwargs = meta.get("model_kwargs")
+    if meta.get("conv_stem"):
+        net = teacher_network(arch, conv_stem=True, img_size=size, model_kwargs=kwargs)
+    else:
+        net = create_network(arch, img_size=size, model_kwargs=kwargs)
+    if meta.get("pruning"):
+        from training.pruned import rebuild_pruned
 
-
-def create_network(arch: str, *, pretrained: bool = False, weights: str | None = None, img_size: int | None = None,
-                   drop_path: float = 0.0, model_kwargs: dict[str, Any] | None = None, key: str = "arch",
-                   num_classes: int = 2) -> nn.Module:
-    """A timm model with a fresh ``num_classes`` head, from the hub, a local file, or from scratch.
-
-    A local file goes through timm's pretrained-config overlay, so the head is dropped and a ViT's
-    position embedding resampled exactly as for hub weights. ``img_size`` is passed to timm only
-    to models that take it (ViTs and other transformers); CNNs run at any size.
-    """
-    import timm
-
-    section = key.rsplit(".", 1)[0]
-    check_arch(arch, key)
-    kwargs: dict[str, Any] = dict(model_kwargs or {})
-    if drop_path:
-        kwargs["drop_path_rate"] = drop_path
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"{section}.weights: file '{path}' does not exist")
-        if path.suffix.lower() not in _WEIGHT_SUFFIXES:
-            raise UserError(f"{section}.weights: '{path.name}' is not a weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-        if path.suffix.lower() == ".npz":  # big_vision's format: timm's ViT reads it with numpy (no pickle)
-            kwargs["pretrained_cfg_overlay"] = {"file": str(path), "custom_load": True}
-        else:  # a state dict, adapted by timm (head dropped, position embedding resampled) as hub weights are
-            kwargs["pretrained_cfg_overlay"] = {"state_dict": _read_weights(path, section)}
-        pretrained = True
-    try:
-        if img_size is not None and "img_size" not in kwargs:
-            try:
-                return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **kwargs)
-            except TypeError as exc:
-                if "img_size" not in str(exc):
-                    raise
-                # A CNN: it takes no img_size and runs at any input size.
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"{section}.model_kwargs do not fit '{arch}': {exc}") from None
-    except Exception as exc:
-        if weights:
-            raise UserError(f"{section}.weights: cannot load '{weights}' into '{arch}': "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        if pretrained:
-            raise UserError(
-                f"cannot fetch the pretrained weights of '{arch}' from the hub ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Offline? Either give a local file "
-                f"with {section}.weights=PATH (.safetensors/.pth/.bin/.npz), or train from scratch with "
-                f"{section}.pretrained=false"
-            ) from None
-        raise
-
+        net = rebuild_pruned(net, torch.zeros(1, 3, size, size), meta["pruning"])
+    load_weights(net, stage_dir)
+    return Classifier(net, view, arch, kwargs).eval()

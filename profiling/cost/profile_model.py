@@ -1,13 +1,13 @@
-"""Measure what each model of a run costs, the same way for every model, into ``profile.json``.
+"""What one model costs, measured the same way for every model.
 
-For every model: parameters, MACs per image (fvcore, with attention counted), median and p90
+Per model: parameters, MACs per image (fvcore, with attention counted), median and p90
 latency per runtime x batch at an explicit thread count, peak inference memory, file sizes, and
 the limit beside it all: this machine's fp32 matmul GFLOP/s and each model's ideal time
 ``2 x macs x batch / peak``, so the report shows how far every runtime is from what the hardware
 could do.
 
 MACs and BatchNorm: fvcore counts a BatchNorm as one MAC per element. On export every BatchNorm
-folds into the convolution before it (MEASURED.md; ONNX Runtime matches PyTorch within 1e-6), so
+folds into the convolution before it (ONNX Runtime then matches PyTorch within 1e-6), so
 the deployed model never computes them. ``macs`` here therefore *excludes* BatchNorm;
 ``macs_fvcore`` (fvcore's total) and ``macs_batchnorm`` are kept beside it so nothing is hidden.
 LayerNorm does not fold and stays counted.
@@ -15,8 +15,7 @@ LayerNorm does not fold and stays counted.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.files import atomic_write_text
-from profiling.config import ConstraintsConfig, ProfileConfig
-from profiling.cost import count_macs, count_params, file_size_mb
-from profiling.latency import (
-    RUNTIMES,
-    CudaRunner,
-    EagerRunner,
-    OnnxRunner,
-    ideal_ms,
-    matmul_peak_gflops,
-    peak_memory_mb,
-    profile_latency,
-)
-from profiling.machine import machine_info, usable_cores
-from profiling.runfiles import json_ready
+from profiling.cost.counting import count_macs, count_params, file_size_mb
+from profiling.cost.latency import CudaRunner, EagerRunner, OnnxRunner, ideal_ms, profile_latency
+from profiling.cost.memory import peak_memory_mb
 
-__all__ = ["MACS_NOTE", "PROFILE_FILE", "ModelEntry", "latency_key", "measure", "profile_model"]
+__all__ = ["MACS_NOTE", "ModelEntry", "latency_key", "profile_model"]
 
-PROFILE_FILE = "profile.json"
 MACS_NOTE = ("multiply-accumulates per image counted by fvcore (a fused multiply-add is one MAC; flops = 2 x macs), "
              "attention (scaled_dot_product_attention) included, BatchNorm excluded because it folds into the "
              "convolution on export (macs_batchnorm lists what fvcore counted for it)")
@@ -159,54 +145,3 @@ def profile_model(
     if peak_gflops and out.get("macs"):
         out["ideal_ms"] = {f"b{b}": ideal_ms(out["macs"], b, peak_gflops) for b in batch_sizes}
     return out
-
-
-def _plan(profile_cfg: ProfileConfig, constraints_cfg: ConstraintsConfig) -> tuple[list[str], list[int], int]:
-    """Runtimes, batch sizes and threads to measure: the profile's, plus what the constraint reads."""
-    runtimes = list(dict.fromkeys([*profile_cfg.runtimes, constraints_cfg.runtime]))
-    if constraints_cfg.runtime == "onnx":
-        runtimes = list(dict.fromkeys([*runtimes, "onnx_int8"]))  # an int8 model meets `onnx` through its own file
-    batches = sorted({*profile_cfg.batch_sizes, constraints_cfg.batch})
-    return runtimes, batches, profile_cfg.threads or usable_cores()
-
-
-def measure(
-    run_dir: str | Path,
-    models: dict[str, ModelEntry],
-    profile_cfg: ProfileConfig,
-    constraints_cfg: ConstraintsConfig,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Profile every model of a run the same way and write ``run_dir/profile.json``; returns its content.
-
-    ``models`` maps the run's model names (``teacher``, ``student``, ``student_baseline``,
-    ``student_pruned``) to what to measure; give the deployed model's int8 file as
-    ``onnx_int8`` of its fp32 entry. The constraint's runtime and batch are always measured.
-    Threads are ``profile.threads`` or every core this process may use, set explicitly.
-    """
-    runtimes, batches, threads = _plan(profile_cfg, constraints_cfg)
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown:
-        raise ValueError(f"unknown runtime(s) {unknown}; valid: {sorted(RUNTIMES)}")
-    log(f"[report] measuring the fp32 matmul limit with {threads} thread(s)")
-    peak = matmul_peak_gflops(threads)
-    result: dict[str, Any] = {
-        "machine": machine_info(),
-        "settings": {"runtimes": runtimes, "batch_sizes": batches, "threads": threads, "warmup": profile_cfg.warmup,
-                     "runs": profile_cfg.runs, "allow_busy": profile_cfg.allow_busy,
-                     "max_other_load": profile_cfg.max_other_load},
-        "limit": {"matmul_peak_gflops": peak, "threads": threads, "dtype": "fp32",
-                  "what": "best of 10 1024x1024 matmuls (2 n^3 FLOPs each); ideal_ms = 2 x macs x batch / peak"},
-        "macs_note": MACS_NOTE,
-        "models": {},
-    }
-    for name, entry in models.items():
-        log(f"[report] profiling {name}: {', '.join(runtimes)} at batch {batches}, {threads} thread(s)")
-        result["models"][name] = profile_model(
-            entry, runtimes=runtimes, batch_sizes=batches, threads=threads, warmup=profile_cfg.warmup,
-            runs=profile_cfg.runs, allow_busy=profile_cfg.allow_busy, max_other_load=profile_cfg.max_other_load,
-            peak_memory=profile_cfg.peak_memory, peak_gflops=peak,
-        )
-    result = json_ready(result)
-    atomic_write_text(Path(run_dir) / PROFILE_FILE, json.dumps(result, indent=2))
-    return result

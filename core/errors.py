@@ -3,7 +3,7 @@
 A bad path, a config typo, a corrupt image or a malformed label line raises :class:`UserError`
 with a message that names the file, line or key and what would fix it. The command-line entry
 points catch it, print the message and exit with status 2 (no traceback unless ``--debug``).
-It lives in ``data/`` because that is the lowest room: every other package may import it.
+It lives in ``core/``, the project's plumbing, which every other package may import.
 """
 
 from __future__ import annotations

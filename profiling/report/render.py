@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from profiling.config import RUNTIME_NAMES
-from profiling.constraints import latency_of
+from profiling.cost.config import RUNTIME_NAMES
+from profiling.report.constraints import latency_of
 
 __all__ = ["render_markdown", "verdict"]
 

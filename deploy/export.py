@@ -23,17 +23,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from data import DEFECT
-from data.errors import UserError
+from core.errors import UserError
+from core.files import atomic_write
+from deploy.runtime import defect_probability, onnx_logits, onnx_session
 from training.modeling import eval_mode
-from data.files import atomic_write
 
-__all__ = ["INPUT", "OUTPUT", "export_onnx", "onnx_logits", "onnx_session", "update_metadata", "quantize_int8",
-           "read_metadata", "verify_onnx"]
+__all__ = ["INPUT", "OUTPUT", "export_onnx", "update_metadata", "quantize_int8", "read_metadata", "verify_onnx"]
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -107,7 +105,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {p.key: json.loads(p.value) for p in props}
     except json.JSONDecodeError:
         raise UserError(f"'{path}' has metadata that this project did not write (values are not JSON); "
-                        "export it with student.export.export_onnx") from None
+                        "export it with deploy.export.export_onnx") from None
 
 
 def update_metadata(path: str | os.PathLike[str], changes: dict[str, Any]) -> dict[str, Any]:
@@ -119,33 +117,6 @@ def update_metadata(path: str | os.PathLike[str], changes: dict[str, Any]) -> di
     meta = {**read_metadata(path), **changes}
     _finish(_load(path), Path(path), meta)
     return meta
-
-
-def onnx_session(path: str | os.PathLike[str], threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session; ``threads`` intra-op threads (None: ONNX Runtime decides)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model '{path}' does not exist; run the export stage first")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise UserError(f"ONNX Runtime cannot load '{path}' ({exc}); rerun the export stage with --force") from None
-
-
-def onnx_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    """Logits for a batch of normalised NCHW images."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-
-
-def _softmax_defect(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e[:, DEFECT] / e.sum(axis=1)
 
 
 def verify_onnx(path: str | os.PathLike[str], net: nn.Module, images: torch.Tensor, threshold: float,
@@ -165,7 +136,7 @@ def verify_onnx(path: str | os.PathLike[str], net: nn.Module, images: torch.Tens
             torch_logits.append(net(chunk.to(device)).float().cpu().numpy())
             onnx_out.append(onnx_logits(session, chunk.cpu().numpy()))
     ref, got = np.concatenate(torch_logits), np.concatenate(onnx_out)
-    p_ref, p_got = _softmax_defect(ref), _softmax_defect(got)
+    p_ref, p_got = defect_probability(ref), defect_probability(got)
     return {
         "n": len(ref),
         "threshold": float(threshold),

@@ -7,23 +7,21 @@ person can inspect, with the deployed model's Grad-CAM heatmap for *defect* draw
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.config import DataConfig
-from data.errors import UserError
+from core.errors import UserError
 from data.loader import InspectionDataset
 from data.manifest import Sample
-from data.schema import build
-from profiling import plots
-from profiling.constraints import latency_of
-from profiling.runfiles import RunFiles
+from core.schema import build
+from profiling.report import plots
+from profiling.report.constraints import latency_of
+from profiling.report.runfiles import RunFiles
 
 __all__ = ["ERRORS_SHOWN", "IMAGE_SIZE", "load_images", "write_plots"]
 
@@ -57,24 +55,20 @@ def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE
 def _with_gradcam(files: RunFiles, model: str, images: list[np.ndarray | None]) -> list[np.ndarray | None] | None:
     """The images with the model's Grad-CAM for *defect* drawn over them; None when the PyTorch
     model cannot be opened (an int8 model is explained by the fp32 model it was quantised from)."""
-    from profiling.explain import gradcam, overlay
-    from profiling.profile import load_model_dir
+    from deploy.explain import gradcam, overlay
+    from training.modeling import load_model
 
-    stage_dir = files.run_dir / model.removesuffix("_int8")
     try:
-        entry = load_model_dir(stage_dir)
-        meta = json.loads((stage_dir / "meta.json").read_text(encoding="utf-8"))
+        loaded = load_model(files.run_dir / model.removesuffix("_int8"))
     except (UserError, OSError, KeyError, ValueError):
         return None
     present = [i for i, img in enumerate(images) if img is not None]
     if not present:
         return images
-    batch = torch.stack([torch.from_numpy(images[i]).permute(2, 0, 1).float() for i in present])
-    batch = F.interpolate(batch, size=(entry.img_size, entry.img_size), mode="bilinear", antialias=True)
-    mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    batch = loaded.view(torch.stack([torch.from_numpy(images[i]).permute(2, 0, 1).float() for i in present]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a one-cell map on tiny test images: drawn anyway
-        cams = gradcam(entry.net, (batch - mean) / std)
+        cams = gradcam(loaded.net, batch)
     out = list(images)
     for i, cam in zip(present, cams):
         out[i] = overlay((np.clip(images[i], 0, 1) * 255).astype(np.uint8), cam)

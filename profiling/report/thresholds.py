@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import UserError
-from profiling.config import parse_threshold_rule
-from profiling.quality import ArrayLike, as_scores
+from core.errors import UserError
+from profiling.report.config import parse_threshold_rule
+from profiling.report.quality import ArrayLike, as_scores
 
 __all__ = ["ThresholdChoice", "choose_threshold"]
 

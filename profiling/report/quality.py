@@ -2,7 +2,7 @@
 
 Every function takes the probability of *defect* (class 1) per image, as a 1-D float tensor, numpy
 array or list, and 0/1 labels (1 = defect). A decision is *defect when prob >= threshold*, the
-same rule :mod:`profiling.thresholds` uses to choose the threshold on validation.
+same rule :mod:`profiling.report.thresholds` uses to choose the threshold on validation.
 
 torchmetrics computes the point metrics. Two of its conventions are worked around on purpose:
 its float inputs are thresholded with a strict ``>`` (so we pass it our own 0/1 decisions), and
@@ -32,7 +32,7 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
-from data.errors import UserError
+from core.errors import UserError
 
 __all__ = [
     "ArrayLike",

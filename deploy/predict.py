@@ -1,6 +1,6 @@
 """Say *defect* or *normal* for new photos with a trained model, and optionally show why (Grad-CAM).
 
-    python -m distill.predict MODEL IMAGES... [--threshold T] [--out predictions.csv|.json]
+    python -m deploy.predict MODEL IMAGES... [--threshold T] [--out predictions.csv|.json]
                               [--gradcam DIR] [--batch-size N] [--debug]
 
 MODEL is a run directory (the model it deploys, :func:`deployed_model`), a model directory
@@ -34,19 +34,17 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from core.errors import UserError, run_cli
+from core.files import atomic_write_text
+from core.rundir import DEPLOY_ORDER, META, WEIGHTS, RunDir, is_model_dir, read_json
 from data import DEFECT, NORMAL
-from data.errors import UserError, run_cli
 from data.images import BadImage, open_rgb, square
-from data.files import atomic_write_text
 from data.yolo import IMAGE_EXTENSIONS
+from deploy.runtime import defect_probability, onnx_metadata, onnx_session
 
 __all__ = ["Recipe", "Prediction", "deployed_model", "resolve_model", "collect_images", "load_backend",
            "normalise", "predict", "main"]
 
-# training.modeling.META and ARTIFACT; not imported from there because that module imports torch.
-META, ARTIFACT = "meta.json", "model.safetensors"
-#: Without a report's choice, the first of these a run has is deployed (see deployed_model).
-DEPLOY_ORDER = ("student_pruned", "student")
 
 
 @dataclass(frozen=True)
@@ -83,14 +81,11 @@ class Backend(Protocol):
 
 
 # ----------------------------------------------------------------------------- which model
-def _model_dir(path: Path) -> bool:
-    return (path / META).is_file() and (path / ARTIFACT).is_file()
-
-
 def _named_in_run(run_dir: Path, name: str) -> Path | None:
     """A model of the run given by name (its exported ONNX file, else its directory) or as a path in it."""
-    for candidate in (run_dir / "export" / f"{name}.onnx", run_dir / name):
-        if (candidate.is_file() and candidate.suffix == ".onnx") or _model_dir(candidate):
+    run = RunDir(run_dir)
+    for candidate in (run.onnx(name), run.model(name)):
+        if (candidate.is_file() and candidate.suffix == ".onnx") or is_model_dir(candidate):
             return candidate
     return None
 
@@ -99,7 +94,7 @@ def deployed_model(run_dir: Path) -> Path:
     """The model a run deploys: the one ``report.json`` names under ``"deployed"`` (a path in the run
     or a model name, or an object with ``"path"`` or ``"model"``), else the pruned student, else the
     student, each as its fp32 ONNX file when it was exported, else as its PyTorch directory."""
-    report = run_dir / "report.json"
+    report = RunDir(run_dir).report_json
     if report.is_file():
         try:
             entry = json.loads(report.read_text(encoding="utf-8")).get("deployed")
@@ -117,7 +112,7 @@ def deployed_model(run_dir: Path) -> Path:
         found = _named_in_run(run_dir, name)
         if found is not None:
             return found
-    raise UserError(f"'{run_dir}' is neither a model directory ({META} + {ARTIFACT}) nor a run with a finished "
+    raise UserError(f"'{run_dir}' is neither a model directory ({META} + {WEIGHTS}) nor a run with a finished "
                     f"student (looked for export/<model>.onnx and <model>/ for {', '.join(DEPLOY_ORDER)}); "
                     "train one with python -m distill.run, or give a model directory or an .onnx file")
 
@@ -127,17 +122,12 @@ def resolve_model(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"model '{path}' does not exist; give a run directory (runs/<name>), a model directory "
-                        f"({META} + {ARTIFACT}) or an exported .onnx file")
+                        f"({META} + {WEIGHTS}) or an exported .onnx file")
     if path.is_file():
         if path.suffix.lower() != ".onnx":
             raise UserError(f"'{path}' is not a model; give a run directory, a model directory or an .onnx file")
         return path
-    return path if _model_dir(path) else deployed_model(path)
-
-
-def _crop_pct(meta: dict[str, Any]) -> float | None:
-    """The training crop, from a model's own meta.json (its stage config holds the data section)."""
-    return ((meta.get("config") or {}).get("data") or {}).get("crop_pct")
+    return path if is_model_dir(path) else deployed_model(path)
 
 
 def _recipe(meta: dict[str, Any], source: Path, runtime: str, crop_pct: float | None) -> Recipe:
@@ -151,10 +141,7 @@ def _recipe(meta: dict[str, Any], source: Path, runtime: str, crop_pct: float | 
 
 # ----------------------------------------------------------------------------- runtimes
 def _read_meta(model_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((model_dir / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"'{model_dir / META}' is not valid JSON ({exc}); rerun its stage with --force") from None
+    return read_json(model_dir / META)
 
 
 def _pytorch_source(onnx_path: Path, meta: dict[str, Any]) -> Path | None:
@@ -162,27 +149,19 @@ def _pytorch_source(onnx_path: Path, meta: dict[str, Any]) -> Path | None:
     -> ``runs/x/student``; an int8 file -> the fp32 model it was quantised from), if present."""
     name = str(meta.get("model") or onnx_path.stem).removesuffix("_int8")
     candidate = onnx_path.parent.parent / name
-    return candidate if onnx_path.parent.name == "export" and _model_dir(candidate) else None
+    return candidate if onnx_path.parent.name == "export" and is_model_dir(candidate) else None
 
 
 class OnnxBackend:
     """An exported model on ONNX Runtime (CPU); its recipe is the metadata stored in the file."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
-        except json.JSONDecodeError:
-            raise UserError(f"'{path}' has metadata this project did not write; export it with "
-                            "python -m distill.run ... --stages export") from None
-        except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise UserError(f"ONNX Runtime cannot load '{path}' ({exc}); re-export it") from None
+        self.session = onnx_session(path)
+        meta = onnx_metadata(self.session, path)
         self.torch_dir = _pytorch_source(path, meta)
-        crop = meta.get("crop_pct")  # files exported before it was recorded: the model's own meta.json
+        crop = meta.get("crop_pct")  # an ONNX file without it: the model's own meta.json
         if crop is None and self.torch_dir is not None:
-            crop = _crop_pct(_read_meta(self.torch_dir))
+            crop = _read_meta(self.torch_dir).get("crop_pct")
         self.recipe = _recipe(meta, path, "onnxruntime", crop)
         self.input = self.session.get_inputs()[0].name
 
@@ -194,11 +173,11 @@ class TorchBackend:
     """A model directory rebuilt in PyTorch (no pickle); it can also explain itself with Grad-CAM."""
 
     def __init__(self, model_dir: Path) -> None:
-        from distill.stages import load_model
+        from training.modeling import load_model
 
         self.model = load_model(model_dir)
         meta = _read_meta(model_dir)
-        self.recipe = _recipe(meta, model_dir, "pytorch", _crop_pct(meta))
+        self.recipe = _recipe(meta, model_dir, "pytorch", meta.get("crop_pct"))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -209,7 +188,7 @@ class TorchBackend:
     def cams(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        from profiling.explain import gradcam
+        from deploy.explain import gradcam
 
         return gradcam(self.model.net, torch.from_numpy(batch))
 
@@ -302,11 +281,6 @@ def normalise(pixels: list[np.ndarray], recipe: Recipe) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _prob_defect(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z[:, DEFECT] / z.sum(axis=1)
-
-
 def _cam_name(path: Path, base: Path) -> str:
     """A unique overlay name: the image's path below the common folder, '/' -> '__', plus .png."""
     return "__".join(path.resolve().relative_to(base).parts) + ".png"
@@ -321,13 +295,13 @@ def _batch(backend: Backend, paths: list[Path], pixels: list[np.ndarray | str], 
         return rows
     batch = normalise([pixels[i] for i in good], backend.recipe)
     names = backend.recipe.class_names
-    for i, prob in zip(good, _prob_defect(backend.logits(batch)).tolist()):
+    for i, prob in zip(good, defect_probability(backend.logits(batch)).tolist()):
         rows[i].prob_defect = prob
         rows[i].decision = names[DEFECT] if prob >= threshold else names[NORMAL]
     if explainer is not None and cam_dir is not None:
         from PIL import Image
 
-        from profiling.explain import overlay
+        from deploy.explain import overlay
 
         # The explainer is the model itself, or the PyTorch model an ONNX file was exported from:
         # the same input recipe, so the same normalised batch.
@@ -386,7 +360,7 @@ def _write(path: Path, rows: list[Prediction], recipe: Recipe, threshold: float)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m distill.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deploy.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a run directory, a model directory (meta.json + model.safetensors) or an .onnx file")
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--threshold", type=float, help="defect when its probability is >= this (default: the model's)")

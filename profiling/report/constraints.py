@@ -6,7 +6,10 @@ undefined AUROC) is neither passed nor failed: ``passed`` is None, and the const
 does not pass, since nothing was shown.
 
 The deployed model is the last student (the pruned one, else the distilled one) in fp32 or its
-int8 copy: of those two, the fastest that meets every constraint on the constraint's runtime.
+int8 copy: of those two, the fastest that meets every constraint on the constraint's runtime. The
+choice reads the quality bounds on *validation*, like the threshold: choosing on test would make
+the test figures of the chosen model optimistic. The report then shows the chosen model's checks
+on test.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from profiling.config import ConstraintsConfig
-from profiling.measure import latency_key
+from profiling.report.config import ConstraintsConfig
+from profiling.cost.profile_model import latency_key
 
 __all__ = ["check_model", "choose_deployed", "deploy_candidates", "latency_of", "runtime_for"]
 
@@ -67,9 +70,11 @@ def _latency_check(row: dict[str, Any], c: ConstraintsConfig) -> dict[str, Any]:
     return _check("max_latency_ms", "<=", c.max_latency_ms, figure and figure.get("median"), what, missing)
 
 
-def check_model(row: dict[str, Any], c: ConstraintsConfig) -> list[dict[str, Any]]:
-    """One check per bound set in ``c``, for one report row (cost fields and ``test`` metrics)."""
-    test = row.get("test") or {}
+def check_model(row: dict[str, Any], c: ConstraintsConfig, split: str = "test") -> list[dict[str, Any]]:
+    """One check per bound set in ``c``, for one report row (cost fields, and the quality metrics of
+    ``split``: ``test`` for what is reported, ``val`` for choosing)."""
+    test = (row.get("splits") or {}).get(split) if split != "test" else row.get("test")
+    test = test or {}
     checks = []
     if c.max_latency_ms is not None:
         checks.append(_latency_check(row, c))
@@ -79,9 +84,9 @@ def check_model(row: dict[str, Any], c: ConstraintsConfig) -> list[dict[str, Any
     if c.max_macs is not None:
         checks.append(_check("max_macs", "<=", c.max_macs, row.get("macs"), "MACs per image, BatchNorm folded",
                              not_counted))
-    undefined = "undefined on this test split (it lacks a class)"
-    for name, metric, what in (("min_auroc", "auroc", "test AUROC"), ("min_f1", "f1", "test F1 at the threshold"),
-                               ("min_recall", "recall", "test defect recall at the threshold")):
+    undefined = f"undefined on this {split} split (it lacks a class)"
+    for name, metric, what in (("min_auroc", "auroc", f"{split} AUROC"), ("min_f1", "f1", f"{split} F1 at the threshold"),
+                               ("min_recall", "recall", f"{split} defect recall at the threshold")):
         limit = getattr(c, name)
         if limit is not None:
             checks.append(_check(name, ">=", limit, test.get(metric), what, undefined))
@@ -104,13 +109,14 @@ def _speed(row: dict[str, Any], c: ConstraintsConfig) -> float:
 def choose_deployed(rows: dict[str, dict[str, Any]], c: ConstraintsConfig) -> dict[str, Any] | None:
     """Which candidate is deployed, its checks, and why it was chosen; None without a student.
 
-    The fastest (median on ``c.runtime`` at ``c.batch``) of the candidates that pass every check;
-    if none passes, the one with the fewest failed or unverifiable checks, then the fastest.
+    The fastest (median on ``c.runtime`` at ``c.batch``) of the candidates that pass every check on
+    validation; if none passes, the one with the fewest failed or unverifiable checks, then the
+    fastest. The returned checks are the chosen model's on test.
     """
     candidates = deploy_candidates(rows)
     if not candidates:
         return None
-    checks = {n: check_model(rows[n], c) for n in candidates}
+    checks = {n: check_model(rows[n], c, "val") for n in candidates}
     passing = [n for n in candidates if all(ch["passed"] is True for ch in checks[n])]
     where = latency_key(c.runtime, c.batch)
 
@@ -126,15 +132,16 @@ def choose_deployed(rows: dict[str, dict[str, Any]], c: ConstraintsConfig) -> di
         if not checks[chosen]:
             why = f"the fastest candidate on {where}, no constraint being set ({timings})"
         elif len(passing) > 1:
-            why = f"the fastest on {where} of the candidates that meet every constraint ({timings})"
+            why = f"the fastest on {where} of the candidates that meet every constraint on validation ({timings})"
         else:
-            why = f"the only candidate that meets every constraint ({timings})"
+            why = f"the only candidate that meets every constraint on validation ({timings})"
     else:
         def shortfall(name: str) -> tuple[int, float]:
             return sum(ch["passed"] is not True for ch in checks[name]), _speed(rows[name], c)
 
         chosen = min(candidates, key=shortfall)
-        why = (f"no candidate meets every constraint; shown: the one with the fewest failed or unverifiable "
-               f"checks, then the fastest on {where} ({timings})")
-    return {"model": chosen, "candidates": candidates, "why": why, "checks": checks[chosen],
-            "passed": chosen in passing}
+        why = (f"no candidate meets every constraint on validation; shown: the one with the fewest failed or "
+               f"unverifiable checks, then the fastest on {where} ({timings})")
+    test_checks = check_model(rows[chosen], c, "test")
+    return {"model": chosen, "candidates": candidates, "why": why, "checks": test_checks,
+            "passed": all(ch["passed"] is True for ch in test_checks)}

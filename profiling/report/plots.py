@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from profiling.quality import pr_points, roc_points
+from profiling.report.quality import pr_points, roc_points
 
 __all__ = ["Scores", "confusion_matrices", "error_grid", "pareto", "pr_curves", "roc_curves", "score_histograms"]
 

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from data.errors import UserError
+from core.errors import UserError
 
 __all__ = ["FieldError", "build", "dotted_keys", "type_at", "to_dict", "describe_type", "changed_keys"]
 

@@ -1,8 +1,6 @@
 """The run's report: every model side by side, and whether "light, fast and accurate" holds.
 
-    python -m profiling.report RUN [--check] [--measure] [--no-plots] [--debug]
-
-Re-renders ``RUN/report.md``, ``RUN/report.json`` and ``RUN/plots/*.png`` from the files the run
+Renders ``RUN/report.md``, ``RUN/report.json`` and ``RUN/plots/*.png`` from the files the run
 saved (predictions, meta.json, export/verify.json, data/report.json and ``profile.json``): no
 model is retrained or even loaded, unless ``--measure`` asks to re-measure the costs first.
 ``--check`` exits 1 when the deployed model fails a constraint (or one cannot be verified), 0 when
@@ -11,41 +9,33 @@ all pass; a user mistake (no such run, a damaged file) exits 2 with one message.
 Every quality figure is recomputed here from ``predictions.csv``: the threshold stored with the
 model (chosen on validation when it was trained) is applied to the saved probabilities, and the
 validation choice is redone from the saved validation scores as a check. The probabilities are
-saved to 6 significant digits, so the stored threshold is applied at that precision too (a
-validation image scored exactly at the threshold must stay on the defect side).
+saved at full float32 precision, so the decisions recomputed here are the ones made at training
+time.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.errors import UserError, run_cli
-from data.files import atomic_write_text
-from profiling.constraints import choose_deployed
-from profiling.measure import ModelEntry, measure
-from profiling.quality import agreement, binary_metrics, bootstrap_ci, mean_kl
-from profiling.render import render_markdown, verdict
-from profiling.report_plots import write_plots
-from profiling.runfiles import ModelRun, RunFiles, SplitScores, json_ready, read_run
-from profiling.thresholds import choose_threshold
+from core.errors import UserError
+from core.files import atomic_write_text, json_ready
+from core.rundir import RunDir, SplitScores
+from profiling.report.constraints import choose_deployed
+from profiling.report.figures import write_plots
+from profiling.report.quality import agreement, binary_metrics, bootstrap_ci, mean_kl
+from profiling.report.render import render_markdown, verdict
+from profiling.report.runfiles import ModelRun, RunFiles, read_run
+from profiling.report.thresholds import choose_threshold
 
-__all__ = ["NEAR_PERFECT", "ModelEntry", "build_report", "main", "measure"]
+__all__ = ["NEAR_PERFECT", "build_report"]
 
 #: A test score at or above this is "near-perfect": the report then states whether leakage could explain it.
 NEAR_PERFECT = 0.99
 _CI_METRICS = ("auroc", "f1", "recall")
-
-
-def _at_csv_precision(threshold: float) -> float:
-    """The threshold as predictions.csv writes probabilities (``%.6g``), so ``p >= t`` keeps its meaning."""
-    return float(f"{threshold:.6g}")
 
 
 def _split(m: ModelRun, split: str) -> SplitScores:
@@ -62,12 +52,12 @@ def _threshold(m: ModelRun) -> tuple[float, dict[str, Any]]:
     except UserError as exc:
         raise UserError(f"{m.name}: {exc}") from None
     stored = m.threshold
-    applied = _at_csv_precision(stored) if stored is not None else choice.threshold
+    applied = stored if stored is not None else choice.threshold
     check = {
         "rule": m.rule,
         "stored": stored,
         "rechosen_on_val": choice.threshold,
-        "agrees": stored is not None and _at_csv_precision(choice.threshold) == applied,
+        "agrees": stored is not None and choice.threshold == applied,
         "val_recall": choice.recall,
         "val_specificity": choice.specificity,
         "val_defects": choice.n_defect,
@@ -237,51 +227,7 @@ def build_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
     report["verdict"] = verdict(report)
     report = json_ready(report)
     report["plots"] = [str(p.relative_to(files.run_dir)) for p in write_plots(files, report)] if plots else []
-    atomic_write_text(files.run_dir / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(files.run_dir / "report.md", render_markdown(report))
+    run = RunDir(files.run_dir)
+    atomic_write_text(run.report_json, json.dumps(report, indent=2))
+    atomic_write_text(run.report_md, render_markdown(report))
     return report
-
-
-# ----------------------------------------------------------------------------- CLI
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m profiling.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a run directory, runs/<name>")
-    p.add_argument("--check", action="store_true", help="exit 1 when the deployed model fails a constraint")
-    p.add_argument("--measure", action="store_true",
-                   help="re-measure params, MACs and latency of the run's models first (rewrites profile.json)")
-    p.add_argument("--no-plots", action="store_true", help="skip the figures (faster, e.g. for a CI gate)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
-
-
-def _one_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _remeasure(run_dir: Path) -> None:
-    from profiling.profile import run_entries
-
-    files = read_run(run_dir)
-    entries = run_entries(run_dir, [n for n, m in files.models.items() if m.quantised_from is None])
-    measure(run_dir, entries, files.profile_cfg, files.constraints)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-
-    def body() -> int:
-        if args.measure:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = _one_line  # busy-CPU warnings as distill.run prints them
-                _remeasure(Path(args.run))
-        report = build_report(args.run, plots=not args.no_plots)
-        print(report["verdict"])
-        print(f"written: {Path(args.run) / 'report.md'}, report.json and {len(report['plots'])} plot(s)")
-        return 1 if args.check and not report["constraints"]["passed"] else 0
-
-    return run_cli(body, debug=args.debug)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,8 +12,11 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_rows", "is_partial"]
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_rows", "is_partial", "json_ready", "read_yaml_mapping"]
 
 
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -63,3 +66,32 @@ def atomic_write_rows(path: Path, rows: list[dict]) -> None:
 def is_partial(path: Path) -> bool:
     """A leftover of an interrupted write: a temporary file, or a temporary export folder."""
     return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith((".export-", ".quantize-")))
+
+
+def json_ready(value: Any) -> Any:
+    """NaN and infinity become null (JSON has no spelling for them); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def read_yaml_mapping(path: Path, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (read with ``yaml.safe_load``: plain values only);
+    a syntax error or another shape is a :class:`UserError` naming the file and ``expected``."""
+    import yaml
+
+    from core.errors import UserError
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: YAML syntax error: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: must be a mapping with {expected}, got {type(doc).__name__}")
+    return doc
