@@ -1,4 +1,4 @@
-"""The ViT teacher: any timm vision transformer, from hub weights, a local file, or from scratch."""
+"""The teacher: any timm model (a ViT in the recipes), from hub weights, a local file, or from scratch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from timm.layers import PatchEmbed
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from data.errors import UserError
 from data.transforms import model_view
 from teacher.config import TeacherConfig
 from training.modeling import Classifier, create_network
@@ -45,7 +46,13 @@ def teacher_network(arch: str, *, conv_stem: bool = False, **kwargs: Any) -> nn.
     model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
     if conv_stem:
         model_kwargs["embed_layer"] = ConvStemEmbed
-    return create_network(arch, model_kwargs=model_kwargs, key="teacher.arch", **kwargs)
+    try:
+        return create_network(arch, model_kwargs=model_kwargs, key="teacher.arch", **kwargs)
+    except UserError as exc:
+        if conv_stem and "embed_layer" in str(exc):  # a CNN (or another model without a patch embedding)
+            raise UserError(f"teacher.conv_stem replaces a ViT's patch embedding, and '{arch}' has none; "
+                            f"set teacher.conv_stem=false") from None
+        raise
 
 
 def build_teacher(cfg: TeacherConfig) -> Classifier:
