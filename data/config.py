@@ -7,7 +7,7 @@ from typing import Literal
 
 from core.schema import FieldError
 
-__all__ = ["AugmentConfig", "SyntheticConfig", "DataConfig", "DEFECT_TYPES"]
+__all__ = ["AugmentConfig", "SyntheticConfig", "TilesConfig", "DataConfig", "DEFECT_TYPES"]
 
 #: Defects seen on real sealing lines; the synthetic renderer draws each of them.
 DEFECT_TYPES: tuple[str, ...] = ("gap", "bubble", "thin", "thick", "offset", "spill", "overlap")
@@ -72,6 +72,40 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class TilesConfig:
+    """Cut each image into tiles (``data.tiles``): a defect of a few dozen pixels in a megapixel
+    frame survives a tile resized to the model's size, not the whole frame resized to it.
+
+    Either ``grid: [rows, cols]`` (tiles of about ``H / rows`` by ``W / cols``, widened by the
+    overlap) or ``size`` (square tiles of that many source pixels). ``overlap`` is the fraction of a
+    tile shared with its neighbour, so a defect on a tile border lies whole in another tile. A tile
+    is a defect when it holds at least ``min_box_fraction`` of a defect box's area; a tile holding
+    less (a sliver) is left out of training rather than taught as normal.
+    """
+
+    grid: tuple[int, int] | None = None
+    size: int | None = None
+    overlap: float = 0.0
+    min_box_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and self.size is not None:
+            raise FieldError("grid", "and data.tiles.size are alternatives: give grid: [rows, cols] or "
+                                     "size: <pixels>, not both")
+        if self.grid is None and self.size is None:
+            raise FieldError("size", "(or data.tiles.grid) must be given: a tile side in source pixels, "
+                                     "or grid: [rows, cols]")
+        if self.grid is not None and min(self.grid) < 1:
+            raise FieldError("grid", f"must be [rows, cols] with both >= 1, got {list(self.grid)}")
+        if self.size is not None and self.size < 8:
+            raise FieldError("size", f"must be >= 8 source pixels, got {self.size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise FieldError("overlap", f"must be >= 0 and < 1 (a fraction of the tile), got {self.overlap}")
+        if not 0.0 < self.min_box_fraction <= 1.0:
+            raise FieldError("min_box_fraction", f"must be in (0, 1], got {self.min_box_fraction}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images come from, how they are split and checked, and how they are loaded."""
 
@@ -108,6 +142,8 @@ class DataConfig:
     #: border must not be cropped away). Images are resized to a square.
     crop_pct: float = 1.0
     num_workers: int | None = None  # None: chosen from the CPU count
+    #: Tiles of each image, labelled from its defect boxes (None: whole images only).
+    tiles: TilesConfig | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -118,6 +154,9 @@ class DataConfig:
             raise FieldError("split", f"must be three fractions train, val, test that sum to 1, got {list(self.split)}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise FieldError("crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        if self.tiles is not None and self.crop_pct < 1.0:
+            raise FieldError("crop_pct", f"must be 1.0 with data.tiles (tiles cover the whole image), "
+                                         f"got {self.crop_pct}")
         if not 0.0 <= self.dedup_max_pixel_diff <= 1.0:
             raise FieldError("dedup_max_pixel_diff", f"must be in [0, 1], got {self.dedup_max_pixel_diff}")
         if self.dedup_distance < 0:

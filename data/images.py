@@ -93,13 +93,14 @@ def thumbnail(img: Image.Image | np.ndarray) -> np.ndarray:
 
 @dataclass
 class ScanResult:
-    """Per file: the error (None when fine), its perceptual hash and colour thumbnail, and
-    optionally the decoded pixels."""
+    """Per file: the error (None when fine), its perceptual hash and colour thumbnail, optionally
+    the decoded pixels, and its (width, height) as decoded (EXIF orientation applied)."""
 
     error: str | None
     phash: int | None = None
     pixels: np.ndarray | None = None
     thumb: np.ndarray | None = None
+    size: tuple[int, int] | None = None
 
 
 def _scan_one(path: str, keep_size: int | None, crop_pct: float) -> ScanResult:
@@ -108,7 +109,7 @@ def _scan_one(path: str, keep_size: int | None, crop_pct: float) -> ScanResult:
     except BadImage as exc:
         return ScanResult(str(exc))
     pixels = square(img, keep_size, crop_pct) if keep_size else None
-    return ScanResult(None, phash_bits(img), pixels, thumbnail(img))
+    return ScanResult(None, phash_bits(img), pixels, thumbnail(img), img.size)
 
 
 def scan_images(paths: list[str], keep_size: int | None = None, crop_pct: float = 1.0,

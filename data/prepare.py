@@ -4,6 +4,8 @@ Writes into ``runs/<name>/data/``: ``manifest.csv`` (path, label, group, split â
 so a run never silently reshuffles), ``report.json`` (sources, class counts per split, what was
 skipped, the duplicate check), ``duplicates.json``, ``skipped.csv`` and, last, ``stage.json`` (the
 config and seed it was made with: a rerun with another one is refused, never silently resplit).
+With ``data.tiles`` the manifest also holds each image's tiles (labelled from its boxes, in its
+split) and the report counts them (``data/tiles.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.config import DataConfig
+from data.config import DEFECT_TYPES, DataConfig
 from data.dedup import cross_split_duplicates
 from core import provenance
 from core.errors import UserError
@@ -28,6 +30,8 @@ from core.files import atomic_write_text
 from data.manifest import SPLITS, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
 from core.schema import to_dict
 from data.split import check_splits, complete_splits, straddling_groups, with_groups
+from data.tile_data import TileAccess, render_synthetic
+from data.tiles import check_tile_splits, make_tiles, tile_report, tile_summary_lines
 from data.yolo import read_yolo
 
 __all__ = ["PreparedData", "prepare_data", "summary_lines", "LeakageWarning"]
@@ -40,15 +44,21 @@ class LeakageWarning(UserWarning):
 
 
 @dataclass
-class PreparedData:
-    """The checked, split dataset of a run, and the way to load any split at any size."""
+class PreparedData(TileAccess):
+    """The checked, split dataset of a run, and the way to load any split at any size.
+
+    ``samples`` are the image rows; with ``data.tiles``, ``tiles`` are the tile rows, loaded by
+    the ``tile_*`` methods of :class:`data.tile_data.TileAccess`.
+    """
 
     cfg: DataConfig
     samples: list[Sample]
     seed: int
     report: dict
+    tiles: list[Sample] = field(default_factory=list)
     _pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
     _variants: dict[int, dict] = field(default_factory=dict, repr=False)  # synthetic.variants renders, by size
+    _tile_pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)  # tiles, by size
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -132,7 +142,7 @@ def _synthetic_samples(cfg: DataConfig, seed: int) -> list[Sample]:
 def _read_source(cfg: DataConfig) -> tuple[list[Sample], list[SkippedFile], dict]:
     if cfg.source == "yolo":
         ds = read_yolo(cfg.path, cfg.defect_classes, cfg.missing_label)
-        info = {"root": str(ds.root), "class_names": ds.names, "label_counts": ds.counts}
+        info = {"root": str(ds.root), "class_names": ds.names, "label_counts": ds.counts, "boxes": ds.boxes}
         return ds.samples, ds.skipped, info
     if cfg.source == "folder":
         samples, skipped = read_folder(cfg.path, cfg.defect_folders, cfg.normal_folders)
@@ -140,7 +150,8 @@ def _read_source(cfg: DataConfig) -> tuple[list[Sample], list[SkippedFile], dict
     return [], [], {"synthetic": to_dict(cfg.synthetic)}
 
 
-def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedFile]) -> tuple[list[Sample], list, list]:
+def _check_images(cfg: DataConfig, samples: list[Sample],
+                  skipped: list[SkippedFile]) -> tuple[list[Sample], list, list, list]:
     """Decode every image once: list all broken files together, then stop or skip them."""
     results = scan_images([s.path for s in samples])
     broken = [(s, r.error) for s, r in zip(samples, results) if r.error]
@@ -153,12 +164,19 @@ def _check_images(cfg: DataConfig, samples: list[Sample], skipped: list[SkippedF
         )
     skipped.extend(SkippedFile(s.path, f"unreadable: {err}") for s, err in broken)
     kept = [(s, r) for s, r in zip(samples, results) if not r.error]
-    return [s for s, _ in kept], [r.phash for _, r in kept], [r.thumb for _, r in kept]
+    return [s for s, _ in kept], [r.phash for _, r in kept], [r.thumb for _, r in kept], [r.size for _, r in kept]
 
 
 # ----------------------------------------------------------------------------- the stage
 def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     """Run (or reuse) the data stage and return the split dataset."""
+    if cfg.tiles is not None and cfg.source == "folder":
+        raise UserError(
+            "data.tiles: tiles are labelled from defect boxes, and data.source 'folder' has only a label per image "
+            "(which tiles of a defect image show the defect is unknown, and calling them all defects would teach "
+            "clean tiles as defects); use a YOLO dataset with boxes (data.source=yolo), or remove data.tiles to "
+            "train on whole images"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, report_path, record_path = out_dir / "manifest.csv", out_dir / "report.json", out_dir / "stage.json"
     record = provenance.make("data", {"data": to_dict(cfg), "seed": seed})
@@ -169,24 +187,30 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
             "a run must not mix splits. Rerun with --force data (this redoes every stage), or choose a new run.name"
         )
     if verdict.same and manifest.is_file() and report_path.is_file():
-        return PreparedData(cfg, read_manifest(manifest), seed, json.loads(report_path.read_text(encoding="utf-8")))
+        rows = read_manifest(manifest)
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        return PreparedData(cfg, [r for r in rows if not r.is_tile], seed, report, [r for r in rows if r.is_tile])
 
     samples, skipped, info = _read_source(cfg)
+    boxes = info.pop("boxes", {})
     if cfg.source == "synthetic":
         samples = _synthetic_samples(cfg, seed)
         rendered = PreparedData(cfg, samples, seed, {})
+        if cfg.tiles is not None:  # the boxes come with the renders; keep those for the hashes and for training
+            rendered._pixels[cfg.synthetic.image_size], boxes = render_synthetic(samples, cfg.synthetic, seed)
         renders = rendered._cached_pixels(cfg.synthetic.image_size) if cfg.dedup else None
         hashes: list[int | None] = [phash_bits(p) for p in renders] if renders else [None] * len(samples)
         thumbs: list[np.ndarray | None] = [thumbnail(p) for p in renders] if renders else [None] * len(samples)
+        sizes = [(cfg.synthetic.image_size, cfg.synthetic.image_size)] * len(samples)
         split_note = "synthetic splits"
     else:
-        samples, hashes, thumbs = _check_images(cfg, samples, skipped)
+        samples, hashes, thumbs, sizes = _check_images(cfg, samples, skipped)
         samples, unmatched = with_groups(samples, cfg.group_by)
         info["group_by"] = {"regex": cfg.group_by, "names_not_matched": unmatched} if cfg.group_by else None
         had_splits = any(s.split for s in samples)
-        by_path = {s.path: (h, t) for s, h, t in zip(samples, hashes, thumbs)}
+        by_path = {s.path: (h, t, z) for s, h, t, z in zip(samples, hashes, thumbs, sizes)}
         samples, split_note = complete_splits(samples, cfg.split, seed)
-        hashes, thumbs = [by_path[s.path][0] for s in samples], [by_path[s.path][1] for s in samples]
+        hashes, thumbs, sizes = ([by_path[s.path][k] for s in samples] for k in range(3))
         if had_splits and cfg.group_by:
             shared = straddling_groups(samples)
             info["groups_across_splits"] = {"count": len(shared), "examples": dict(list(shared.items())[:_MAX_LISTED])}
@@ -194,6 +218,13 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
                 warnings.warn(f"{len(shared)} group(s) of data.group_by have images in more than one of the "
                               f"source's splits, e.g. {next(iter(shared))}", LeakageWarning, stacklevel=2)
     counts = check_splits(samples)
+    tiles: list[Sample] = []
+    if cfg.tiles is not None:  # after the split: a tile lives in its image's split and group
+        tiles = make_tiles(samples, sizes, boxes, cfg.tiles, info.get("class_names") or DEFECT_TYPES)
+        info["tiles"] = tile_report(samples, tiles, cfg.tiles)
+        check_tile_splits(info["tiles"])
+        if cfg.source == "synthetic":
+            info["tiles"]["note"] = "synthetic tiles crop the one render whose boxes labelled them (no fresh renders)"
     duplicates = (cross_split_duplicates(samples, hashes, thumbs, cfg.dedup_distance, cfg.dedup_max_pixel_diff)
                   if cfg.dedup else {"pairs": None})
     if duplicates.get("pairs"):
@@ -213,12 +244,12 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     }
     write_skipped(skipped, out_dir / "skipped.csv")
     atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))
-    write_manifest(samples, manifest)
+    write_manifest(samples + tiles, manifest)
     atomic_write_text(report_path, json.dumps(report, indent=2))
     provenance.save(record_path, provenance.finish(record, out_dir, ["manifest.csv"]))  # last: marks the stage done
-    prepared = PreparedData(cfg, samples, seed, report)
-    if cfg.source == "synthetic" and cfg.dedup:
-        prepared._pixels = rendered._pixels  # the renders made for the hashes serve training too
+    prepared = PreparedData(cfg, samples, seed, report, tiles)
+    if cfg.source == "synthetic" and (cfg.dedup or cfg.tiles is not None):
+        prepared._pixels = rendered._pixels  # the renders made for the hashes (or boxes) serve training too
     return prepared
 
 
@@ -238,6 +269,8 @@ def summary_lines(report: dict) -> list[str]:
         total = c["normal"] + c["defect"]
         lines.append(f"  {sp:<5} {total:>6} images  normal {c['normal']:>6}  defect {c['defect']:>6}"
                      f"  ({100 * c['defect'] / max(total, 1):.1f}% defect)")
+    if report.get("tiles"):
+        lines += tile_summary_lines(report["tiles"])
     if report["skipped"]:
         lines.append(f"skipped {report['skipped']} file(s): {report['skipped_by_reason']} (listed in data/skipped.csv)")
     dup = report["duplicates"]

@@ -23,22 +23,31 @@ from core.errors import UserError
 from core.files import read_yaml_mapping
 from data.manifest import Sample, SkippedFile
 
-__all__ = ["IMAGE_EXTENSIONS", "YoloDataset", "read_yolo", "label_path_for", "parse_label_file"]
+__all__ = ["IMAGE_EXTENSIONS", "YoloBox", "YoloDataset", "read_yolo", "label_path_for", "parse_label_file",
+           "parse_label_objects"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _SPLIT_KEYS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 _MAX_LISTED = 20
 
+#: One object of a label file: class id, then centre x, centre y, width, height (normalised to [0, 1]).
+YoloBox = tuple[int, float, float, float, float]
+
 
 @dataclass
 class YoloDataset:
-    """What was read: samples with their source split, class names, and the files not used."""
+    """What was read: samples with their source split, class names, and the files not used.
+
+    ``boxes`` maps a defect image's path to its objects of the classes in ``data.defect_classes``
+    (what labels its tiles with ``data.tiles``); normal images have no entry.
+    """
 
     root: Path
     names: list[str]
     samples: list[Sample]
     skipped: list[SkippedFile] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    boxes: dict[str, list[YoloBox]] = field(default_factory=dict)
 
 
 def label_path_for(image: Path) -> Path:
@@ -58,13 +67,20 @@ def _list_error(title: str, lines: list[str], fix: str) -> UserError:
 
 
 def parse_label_file(path: Path, nc: int | None) -> tuple[list[int], list[str]]:
-    """Class ids of every object in a YOLO label file, and the problems found (``file:line: why``).
+    """Class ids of every object in a YOLO label file, and the problems found (``file:line: why``)."""
+    objects, problems = parse_label_objects(path, nc)
+    return [o[0] for o in objects], problems
+
+
+def parse_label_objects(path: Path, nc: int | None) -> tuple[list[YoloBox], list[str]]:
+    """Every object of a YOLO label file as ``(class, cx, cy, w, h)`` (normalised), and the problems
+    found (``file:line: why``).
 
     A line is ``cls cx cy w h`` (a box), or ``cls x1 y1 x2 y2 x3 y3 ...`` (a polygon or an oriented
-    box); coordinates are normalised, so anything outside [0, 1.01] is an error (Ultralytics
-    tolerates small overshoot from rounding).
+    box, kept as the box around its points); coordinates are normalised, so anything outside
+    [0, 1.01] is an error (Ultralytics tolerates small overshoot from rounding).
     """
-    classes: list[int] = []
+    objects: list[YoloBox] = []
     problems: list[str] = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -98,8 +114,13 @@ def parse_label_file(path: Path, nc: int | None) -> tuple[list[int], list[str]]:
         if any(not math.isfinite(v) or v < 0.0 or v > 1.01 for v in coords):
             problems.append(f"{where}: coordinates must be normalised to [0, 1], got {' '.join(cols[1:])}")
             continue
-        classes.append(int(cls))
-    return classes, problems
+        if len(coords) == 4:
+            objects.append((int(cls), *coords))  # type: ignore[arg-type]
+        else:
+            xs, ys = coords[0::2], coords[1::2]
+            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+            objects.append((int(cls), (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0))
+    return objects, problems
 
 
 def _is_number(text: str) -> bool:
@@ -230,6 +251,7 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
     missing: list[str] = []
     outside: list[str] = []
     counts: dict[str, dict[str, int]] = {}
+    boxes: dict[str, list[YoloBox]] = {}
     for split, split_entries in entries.items():
         c = counts.setdefault(split, {"defect": 0, "normal_empty": 0, "normal_missing": 0, "normal_other_classes": 0})
         for entry in split_entries:
@@ -242,10 +264,12 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
                     c["normal_missing"] += 1
                     samples.append(Sample(str(image), 0, image.stem, split, "no label file"))
                     continue
-                classes, bad = parse_label_file(label_file, nc)
+                objects, bad = parse_label_objects(label_file, nc)
                 problems.extend(bad)
+                classes = [o[0] for o in objects]
                 hits = sorted({k for k in classes if defect_ids is None or k in defect_ids})
                 if hits:
+                    boxes[str(image)] = [o for o in objects if o[0] in hits]
                     c["defect"] += 1
                     shown = ", ".join(names[k] if names else str(k) for k in hits)
                     samples.append(Sample(str(image), 1, image.stem, split, f"boxes: {shown}"))
@@ -275,7 +299,7 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
             "Add empty label files for normal images, or set data.missing_label=normal.",
         )
     _refuse_shared_images(samples)
-    return YoloDataset(root=root, names=names, samples=samples, skipped=skipped, counts=counts)
+    return YoloDataset(root=root, names=names, samples=samples, skipped=skipped, counts=counts, boxes=boxes)
 
 
 def _refuse_shared_images(samples: list[Sample]) -> None:

@@ -93,6 +93,22 @@ def test_defect_is_marked_in_the_part_view(defect: str) -> None:
         assert (diff > 20).sum() <= (diff[_box_mask(bead.boxes, 96, margin=2)] > 20).sum()
 
 
+@pytest.mark.parametrize("size, seeds", [(256, (0, 1)), (512, (9,))])
+def test_part_view_at_tiling_sizes_boxes_small_defects_tightly(size: int, seeds: tuple[int, ...]) -> None:
+    """The whole-part frames that tiles are cut from: each defect is about 1% of the frame, and
+    every change lies within its box grown by the blur (up to 0.7 * size / 96 px). At 512 px the
+    overlap strand's tip once reached 10 px past its box (seed 9)."""
+    areas = []
+    for seed in seeds:
+        for defect in DEFECT_TYPES:
+            bead, diff = _changed(seed, defect, size=size, view="part")
+            areas += [w * h for *_, w, h in bead.boxes]
+            changed = diff > 8
+            margin = 4 if size == 256 else 7  # offset's shading fades over 6 px at 512 px
+            assert not (changed & ~_box_mask(bead.boxes, size, margin=margin)).any(), defect
+    assert 0.003 < float(np.median(areas)) < 0.03 and max(areas) < 0.05
+
+
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
 def test_severity_makes_the_defect_larger(defect: str) -> None:
     subtle = sum((_changed(s, defect, severity=0.1)[1] > 20).sum() for s in SEEDS)

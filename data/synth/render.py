@@ -373,7 +373,9 @@ def _overlap(sc: _Scene, s: float, rng: np.random.Generator, t0: float) -> tuple
     x = np.clip((ts - ts[0]) / (0.2 * length), 0, 1) * np.clip((ts[-1] - ts) / (0.45 * length), 0, 1)
     rad = 0.95 * np.interp(ts, geo.rt, geo.rad) * np.sqrt(x)
     sel = rad >= min(0.5, 0.5 * rad.max())
-    box = _union(_box(strand[sel], rad[sel]), _box(p[sel], np.interp(ts[sel], geo.rt, geo.rad)))
+    # The strand tapers to its tips between samples (size / 24 apart): the box reaches the next sample.
+    reach = np.convolve(sel, [1, 1, 1], mode="same") > 0
+    box = _union(_box(strand[reach], rad[reach]), _box(p[sel], np.interp(ts[sel], geo.rt, geo.rad)))
     return dataclasses.replace(geo, strands=((strand, ts, rad),)), [box]
 
 
