@@ -1,15 +1,20 @@
 """Student-epoch time with cached teacher outputs, with the live teacher, and with no teacher.
 
-Issue target: ``distill.teacher_outputs: cached`` within 1.3x the epoch time of a student trained
+Target: ``distill.teacher_outputs: cached`` within 1.3x the epoch time of a student trained
 without a teacher.
 
-    python -m benchmarks.bench_teacher_outputs [--quick] [--epochs N]
+    python -m benchmarks.bench_teacher_outputs [--setting quickstart|recipe] [--quick] [--epochs N]
 
-On ``configs/quickstart.yaml`` (teacher: conv-stem ViT at 64 px; student: MobileNetV3-Small at
-96 px, 1200 training images) the teacher is trained once, for 2 epochs instead of 20 (only its
-cost per image matters here, not its accuracy). Then, in this one process and on the same data,
-the student trains for N epochs in each of three modes through the project's own code
-(``distill.stages.student_run_parts`` and ``training.loop.fit``, as the student stage runs them):
+``quickstart``: ``configs/quickstart.yaml`` (teacher: conv-stem ViT at 64 px; student:
+MobileNetV3-Small at 96 px, 1200 training images); the teacher is trained once, for 2 epochs
+instead of 20 (only its cost per image matters here, not its accuracy). ``recipe``: the sizes of
+``configs/vit_to_mbv3.yaml`` with a pool, where the cache matters most: a ``vit_small_patch16_224``
+teacher at 224 px (untrained weights: its cost does not depend on them), a MobileNetV3-Large
+student at 224 px, 400 labeled synthetic beads and a pool of 2,000 unlabeled ones. Then, in this
+one process and on the same data, the student trains for N epochs in each of three modes through
+the project's own code (``distill.stages.student_run_parts`` and ``training.loop.fit``, as the
+student stage runs them; a student with a teacher learns from the labeled and unlabeled images,
+one without from the labels with as many updates):
 
 - none: the from-scratch student (what the ``student_baseline`` stage trains);
 - live: the teacher runs on every training batch;
@@ -36,23 +41,31 @@ import torch
 
 from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cpu
 from core.errors import UserError
-from data.loader import synthetic_pixels
+from data.manifest import UNLABELED
 from data.prepare import prepare_data
 from distill.config import Config, load_config
 from distill.stages import Context, student_run_parts, teacher_stage
 from distill.teacher_cache import TeacherCache
 from profiling.cost.machine import other_cpu_load
 from student.model import build_student
+from teacher.model import build_teacher
 from training.engine import pick_device
 from training.loop import fit
 from training.seed import seed_everything
 
-CONFIG = "configs/quickstart.yaml"
 MODES = ("none", "live", "cached")
 TARGET = 1.3  # cached s/epoch over no-teacher s/epoch
-TEACHER_EPOCHS = 2
-EPOCHS = 6  # per mode; the first is a warm-up
-QUICK_DATA = ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.num_test=32"]
+#: config file, its overrides, epochs per mode (the first is a warm-up), whether the teacher is trained
+SETTINGS = {
+    "quickstart": ("configs/quickstart.yaml", ["teacher.epochs=2"], 6, True),
+    "recipe": ("configs/vit_to_mbv3.yaml", [
+        "data.source=synthetic", "data.path=null", "data.synthetic.image_size=224", "data.synthetic.num_train=400",
+        "data.synthetic.num_unlabeled=2000", "data.synthetic.num_val=100", "data.synthetic.num_test=100",
+        "data.synthetic.variants=1", "teacher.pretrained=false", "student.pretrained=false", "distill.mixup=0",
+        "distill.cache_views=1", "student.ema=false", "student.patience=null", "student.batch_size=32"], 3, False),
+}
+QUICK_DATA = ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.num_test=32",
+              "data.synthetic.num_unlabeled=32", "data.synthetic.image_size=64", "teacher.epochs=1"]
 
 
 def _load_before(quick: bool) -> float:
@@ -62,18 +75,19 @@ def _load_before(quick: bool) -> float:
     return math.nan if load is None else load
 
 
-def _config(quick: bool, epochs: int, mode: str) -> Config:
-    name = "bench_teacher_outputs" + ("_quick" if quick else "")
-    over = [f"run.name={name}", f"run.output_dir={OUT}", f"teacher.epochs={1 if quick else TEACHER_EPOCHS}",
-            f"student.epochs={epochs}", f"distill.teacher_outputs={'live' if mode == 'none' else mode}"]
-    return load_config(CONFIG, over + (QUICK_DATA if quick else []))
+def _config(setting: str, quick: bool, epochs: int, mode: str) -> Config:
+    path, extra, _, _ = SETTINGS[setting]
+    name = f"bench_teacher_outputs_{setting}" + ("_quick" if quick else "")
+    over = [f"run.name={name}", f"run.output_dir={OUT}", *extra, f"student.epochs={epochs}",
+            f"distill.teacher_outputs={'live' if mode == 'none' else mode}"]
+    return load_config(path, over + (QUICK_DATA if quick else []))
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _prepare(cfg: Config) -> tuple[Context, torch.nn.Module]:
+def _prepare(cfg: Config, train_teacher: bool) -> tuple[Context, torch.nn.Module]:
     """Data and teacher (reused from an earlier run of this script when made with the same config)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     for attempt in (1, 2):
@@ -82,7 +96,7 @@ def _prepare(cfg: Config) -> tuple[Context, torch.nn.Module]:
             seed_everything(cfg.run.seed)
             data = prepare_data(cfg.data, run_dir / "data", cfg.run.seed)
             ctx = Context(cfg, run_dir, data, pick_device(cfg.run.device), _say)
-            return ctx, teacher_stage(ctx)
+            return ctx, (teacher_stage(ctx) if train_teacher else build_teacher(cfg.teacher).eval())
         except UserError as exc:  # made with another config: start this scratch run again
             if attempt == 2:
                 raise
@@ -91,26 +105,27 @@ def _prepare(cfg: Config) -> tuple[Context, torch.nn.Module]:
     raise AssertionError("unreachable")
 
 
-def _prerender(ctx: Context, size: int) -> tuple[float, float]:
-    """Render every training bead the student will see at ``size``: (base views s, variants s)."""
+def _prerender(ctx: Context, sizes: list[int]) -> tuple[float, float]:
+    """Render every training bead (labeled and unlabeled) the models will see at ``sizes``:
+    (plain views s, variants s)."""
     syn = ctx.cfg.data.synthetic
     if ctx.cfg.data.source != "synthetic":
         return 0.0, 0.0
     t0 = time.perf_counter()
-    dataset = ctx.data.dataset("train", size, train=True)  # renders the plain views of every split
+    datasets = [ctx.data.dataset(("train", UNLABELED), size, train=True) for size in sizes]  # plain views
     base_s = time.perf_counter() - t0
     if not (syn.fresh and syn.variants):
         return base_s, 0.0
     t0 = time.perf_counter()
-    for index, sample in enumerate(dataset.samples):
-        for variant in range(1, syn.variants + 1):
-            if (index, variant) not in dataset._variants:
-                dataset._variants[index, variant] = synthetic_pixels(sample, syn, dataset.run_seed, variant, size)
+    for dataset, size in zip(datasets, sizes):
+        for index in range(len(dataset)):
+            for variant in range(1, syn.variants + 1):
+                dataset._variant(index, variant, size)  # kept in the run's shared variant cache
     return base_s, time.perf_counter() - t0
 
 
-def _run_mode(base: Context, teacher: torch.nn.Module, mode: str, quick: bool, epochs: int) -> dict:
-    cfg = _config(quick, epochs, mode)
+def _run_mode(base: Context, teacher: torch.nn.Module, mode: str, setting: str, quick: bool, epochs: int) -> dict:
+    cfg = _config(setting, quick, epochs, mode)
     ctx = Context(cfg, base.run_dir, base.data, base.device, _say, base.dist)
     stage_dir = ctx.run_dir / f"bench_{mode}"
     shutil.rmtree(stage_dir, ignore_errors=True)
@@ -152,25 +167,28 @@ def _steady(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_teacher_outputs", description=__doc__.split("\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="quickstart",
+                   help="quickstart sizes, or the vit_to_mbv3 recipe's sizes with a pool of 2,000 images")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, measures nothing")
-    p.add_argument("--epochs", type=int, default=None, help=f"student epochs per mode (default {EPOCHS}; quick 3)")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs per mode (default: the setting's; quick 3)")
     args = p.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else EPOCHS)
+    epochs = args.epochs or (3 if args.quick else SETTINGS[args.setting][2])
     if epochs < 2:
         p.error("--epochs must be >= 2 (the first epoch is a warm-up)")
     load_before = _load_before(args.quick)
     watch, t_start = LoadWatch(), time.perf_counter()
 
-    base_cfg = _config(args.quick, epochs, "live")
+    base_cfg = _config(args.setting, args.quick, epochs, "live")
     reused = (Path(base_cfg.run.output_dir) / base_cfg.run.name / "teacher" / "meta.json").is_file()
     t0 = time.perf_counter()
-    ctx, teacher = _prepare(base_cfg)
+    ctx, teacher = _prepare(base_cfg, SETTINGS[args.setting][3])
     prep_s = time.perf_counter() - t0
-    size = max(base_cfg.student.img_size or 0, teacher.img_size)  # the crop both models see
-    base_s, variants_s = _prerender(ctx, size)
+    sizes = sorted({base_cfg.student.img_size or 224, teacher.img_size})  # each model's own view
+    base_s, variants_s = _prerender(ctx, sizes)
+    size = "/".join(map(str, sizes))
     _say(f"data + teacher {prep_s:.1f} s; rendered the plain views at {size} px in {base_s:.1f} s and "
          f"the training variants in {variants_s:.1f} s")
-    runs = {mode: _run_mode(ctx, teacher, mode, args.quick, epochs) for mode in MODES}
+    runs = {mode: _run_mode(ctx, teacher, mode, args.setting, args.quick, epochs) for mode in MODES}
 
     none_wall, none_train = _steady(runs["none"]["walls"]), _steady(runs["none"]["trains"])
     rows = []
@@ -188,14 +206,17 @@ def main(argv: list[str] | None = None) -> None:
 
     cached = runs["cached"]
     ratio = _steady(cached["walls"]) / none_wall
-    real_epochs = load_config(CONFIG).student.epochs
+    real_epochs = load_config(SETTINGS[args.setting][0]).student.epochs
     amortised = _steady(cached["walls"]) + cached["setup_s"] / real_epochs
     verdict = "PASS" if ratio <= TARGET else "FAIL"
+    trained = (f"trained for {base_cfg.teacher.epochs} epoch(s) only (timing, not accuracy)"
+               if SETTINGS[args.setting][3] else "untrained weights (its cost does not depend on them)")
     body = "\n".join([
-        f"Student {base_cfg.student.arch} at {base_cfg.student.img_size} px, {runs['none']['images']} training "
-        f"images, batch {base_cfg.student.batch_size}, crop {size} px; teacher {base_cfg.teacher.arch} "
-        f"(conv stem, {teacher.img_size} px) trained for {base_cfg.teacher.epochs} epoch(s) only (timing, not "
-        f"accuracy); device {ctx.device.type}, {torch.get_num_threads()} torch threads. {epochs} epochs per mode; "
+        f"Setting `{args.setting}`. Student {base_cfg.student.arch} at {base_cfg.student.img_size} px, "
+        f"{runs['cached']['images']} training images per epoch ({len(ctx.data.split('train'))} labeled, "
+        f"{len(ctx.data.split(UNLABELED))} unlabeled), batch {base_cfg.student.batch_size}; teacher "
+        f"{base_cfg.teacher.arch} ({teacher.img_size} px, its own view) {trained}; device {ctx.device.type}, "
+        f"{torch.get_num_threads()} torch threads. {epochs} epochs per mode; "
         "s/epoch is the median over epochs 2.."
         f"{epochs} of the whole epoch (training pass + validation on {len(ctx.data.split('val'))} images + "
         "checkpoint), the training pass alone beside it.",
@@ -211,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         f"and the {base_cfg.data.synthetic.variants} training beads per image {variants_s:.1f} s, shared by every "
         "mode (the student stage renders them during its first epochs whatever the mode)",
     ])
-    record("Student epoch: cached vs live teacher outputs vs no teacher", body, quick=args.quick,
+    record(f"Student epoch: cached vs live teacher outputs vs no teacher ({args.setting})", body, quick=args.quick,
            load_before=load_before, watch=watch, wall_s=time.perf_counter() - t_start)
 
 

@@ -48,6 +48,9 @@ class SyntheticConfig:
     defect_types: tuple[str, ...] = DEFECT_TYPES
     #: Render new training images every epoch (same labels, new beads): data need not repeat.
     fresh: bool = True
+    #: Unlabeled images rendered besides the splits (split ``unlabeled`` in the manifest): the pool a
+    #: teacher labels for the student. Their classes follow ``defect_ratio``; nobody sees the label.
+    num_unlabeled: int = 0
     #: With ``fresh``: how many different beads each training image cycles through (each rendered
     #: once and kept in RAM, since rendering costs as much as a training step); None: a new bead
     #: every epoch.
@@ -58,6 +61,8 @@ class SyntheticConfig:
             raise FieldError("image_size", f"must be >= 16 pixels, got {self.image_size}")
         if self.variants is not None and self.variants < 1:
             raise FieldError("variants", f"must be >= 1 or null, got {self.variants}")
+        if self.num_unlabeled < 0:
+            raise FieldError("num_unlabeled", f"must be >= 0, got {self.num_unlabeled}")
         for name in ("num_train", "num_val", "num_test"):
             if getattr(self, name) < 2:
                 raise FieldError(name, f"must be >= 2 images, got {getattr(self, name)}")
@@ -144,6 +149,14 @@ class DataConfig:
     num_workers: int | None = None  # None: chosen from the CPU count
     #: Tiles of each image, labelled from its defect boxes (None: whole images only).
     tiles: TilesConfig | None = None
+    #: Keep the labels of this fraction of the training split (stratified, seeded); the rest of it
+    #: becomes unlabeled. Teacher and baseline learn from the labeled images only; a distilled
+    #: student learns from the labels and from the teacher on every training and pool image.
+    #: Validation and test keep every label.
+    label_fraction: float = 1.0
+    #: A pool of unlabeled images: a folder (searched recursively) or a .txt list of image paths
+    #: (relative to the list's folder). A YOLO source may name a split 'unlabeled' in data.yaml instead.
+    unlabeled: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -154,6 +167,11 @@ class DataConfig:
             raise FieldError("split", f"must be three fractions train, val, test that sum to 1, got {list(self.split)}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise FieldError("crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise FieldError("label_fraction", f"must be in (0, 1], got {self.label_fraction}")
+        if self.unlabeled is not None and self.source == "synthetic":
+            raise FieldError("unlabeled", "is for image files; the synthetic source renders its pool: set "
+                                          "data.synthetic.num_unlabeled=N instead")
         if self.tiles is not None and self.crop_pct < 1.0:
             raise FieldError("crop_pct", f"must be 1.0 with data.tiles (tiles cover the whole image), "
                                          f"got {self.crop_pct}")

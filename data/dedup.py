@@ -30,16 +30,16 @@ def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def cross_split_duplicates(samples: list[Sample], hashes: list[int], thumbs: list[np.ndarray],
                            max_distance: int, max_pixel_diff: float, max_examples: int = 50,
-                           chunk: int = 2048) -> dict:
-    """Count (and give examples of) near-duplicate pairs that straddle two splits."""
+                           chunk: int = 2048, splits: tuple[str, ...] = SPLITS) -> dict:
+    """Count (and give examples of) near-duplicate pairs that straddle two of ``splits``."""
     flat = np.stack([t.reshape(-1) for t in thumbs]).astype(np.int16) if thumbs else np.zeros((0, 1), np.int16)
     by_split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for sp in SPLITS:
+    for sp in splits:
         idx = np.array([i for i, s in enumerate(samples) if s.split == sp], dtype=np.int64)
         by_split[sp] = (idx, np.array([hashes[i] for i in idx], dtype=np.uint64))
     pairs: list[dict] = []
     candidates = 0
-    for sa, sb in combinations(SPLITS, 2):
+    for sa, sb in combinations(splits, 2):
         ia, ha = by_split[sa]
         ib, hb = by_split[sb]
         for start in range(0, len(ha), chunk):
@@ -53,7 +53,7 @@ def cross_split_duplicates(samples: list[Sample], hashes: list[int], thumbs: lis
                               "distance": int(dist[rows[k], cols[k]]), "pixel_diff": round(float(diff[k]), 4)})
     pairs.sort(key=lambda p: (p["distance"], p["pixel_diff"]))
     by_pair = {f"{sa}-{sb}": sum(p["split_a"] == sa and p["split_b"] == sb for p in pairs)
-               for sa, sb in combinations(SPLITS, 2)}
+               for sa, sb in combinations(splits, 2)}
     test_hit = {p["b"] if p["split_b"] == "test" else p["a"] for p in pairs if "test" in (p["split_a"], p["split_b"])}
     return {
         "method": "pHash (64-bit DCT) within max_distance bits, confirmed by 16x16 colour thumbnails "

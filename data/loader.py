@@ -10,7 +10,7 @@ outputs be keyed by the view it was computed on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.config import AugmentConfig, SyntheticConfig
 from data.images import open_rgb, square
-from data.manifest import Sample
+from data.manifest import UNLABELED, Sample
 from data.transforms import augment, to_float
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "make_loader", "class_weights", "default_workers",
 ]
 
-_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "unlabeled": 4}
 _MASK = (1 << 62) - 1
 
 
@@ -63,64 +63,82 @@ def resize_rendered(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class InspectionDataset(Dataset):
-    """Images of one split as float tensors in [0, 1] at ``size`` x ``size``.
+    """Images of one or more splits as float tensors in [0, 1] at ``size`` x ``size``.
 
-    ``pixels`` holds the decoded images when they are cached in RAM (decoded once, reused by
-    every epoch and stage). Items are ``(image, label, index, view_seed)``; ``view_seed`` 0 means
-    the plain, un-augmented view.
+    ``pixels`` holds the decoded images when they are cached in RAM (decoded once, reused by every
+    epoch and stage). Items are ``(image, label, index, view_seed)``; ``view_seed`` 0 means the
+    plain, un-augmented view, and ``label`` is -1 for an image whose label no stage may learn from
+    (split ``unlabeled``: a pool image, or one held back by ``data.label_fraction``).
+
+    With ``teacher_size``, items carry a fifth element: the teacher's own view of the same image, at
+    its own resolution, made from the source pixels with the same augmentation (same seed), not a
+    resample of the student's view: the teacher scores the kind of image it was evaluated on.
     """
 
     def __init__(self, samples: list[Sample], size: int, *, augment_cfg: AugmentConfig | None = None,
                  crop_pct: float = 1.0, synthetic: SyntheticConfig | None = None, run_seed: int = 0,
-                 pixels: list[np.ndarray] | None = None) -> None:
+                 pixels: list[np.ndarray] | None = None, teacher_size: int | None = None,
+                 teacher_pixels: list[np.ndarray] | None = None) -> None:
         self.samples = samples
         self.size = size
+        self.teacher_size = teacher_size
         self.augment_cfg = augment_cfg
         self.crop_pct = crop_pct
         self.synthetic = synthetic
         self.run_seed = run_seed
-        self.pixels = pixels
-        self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        self._variants: dict[tuple[int, int], np.ndarray] = {}  # rendered beads, with synthetic.variants
-        self._native_variants: dict[tuple[int, int], np.ndarray] | None = None  # the same at the render size
+        self.cached: dict[int, list[np.ndarray]] = {} if pixels is None else {size: pixels}
+        if teacher_size is not None and teacher_pixels is not None:
+            self.cached[teacher_size] = teacher_pixels
+        self.labels = torch.tensor([-1 if s.split == UNLABELED else s.label for s in samples], dtype=torch.long)
+        #: Rendered beads with synthetic.variants, per size and (image path, variant); shared across
+        #: stages by :class:`data.prepare.PreparedData` (the renderer's own size included).
+        self.variant_cache: dict[int, dict[tuple[str, int], np.ndarray]] = {}
+
+    @property
+    def pixels(self) -> list[np.ndarray] | None:
+        return self.cached.get(self.size)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _pixels(self, index: int, view_seed: int) -> np.ndarray:
+    def _variant(self, index: int, variant: int, size: int) -> np.ndarray:
+        """Bead ``variant`` of a synthetic image, rendered once at the renderer's size and kept."""
+        cache, key = self.variant_cache.setdefault(size, {}), (self.samples[index].path, variant)
+        if key not in cache:
+            native = self.synthetic.image_size
+            if size == native:
+                cache[key] = synthetic_pixels(self.samples[index], self.synthetic, self.run_seed, variant, native)
+            else:
+                cache[key] = resize_rendered(self._variant(index, variant, native), size)
+        return cache[key]
+
+    def _pixels(self, index: int, view_seed: int, size: int) -> np.ndarray:
         sample = self.samples[index]
         if self.synthetic is not None and self.synthetic.fresh and self.augment_cfg is not None and view_seed != 0:
             # Fresh synthetic training data: each view of an index is a newly rendered bead, or
             # one of `variants` beads rendered once and kept.
             count = self.synthetic.variants
             if count is None:
-                return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, self.size)
-            key = (index, view_seed % count + 1)
-            if key not in self._variants:
-                # Rendered once at the renderer's own size (kept for every stage), resized per model size.
-                native = self._native_variants
-                if native is None or key not in native:
-                    image = synthetic_pixels(sample, self.synthetic, self.run_seed, key[1], self.synthetic.image_size)
-                    if native is not None:
-                        native[key] = image
-                else:
-                    image = native[key]
-                self._variants[key] = resize_rendered(image, self.size)
-            return self._variants[key]
-        if self.pixels is not None:
-            return self.pixels[index]
+                return synthetic_pixels(sample, self.synthetic, self.run_seed, view_seed, size)
+            return self._variant(index, view_seed % count + 1, size)
+        if size in self.cached:
+            return self.cached[size][index]
         if self.synthetic is not None:
-            return synthetic_pixels(sample, self.synthetic, self.run_seed, 0, self.size)
-        return square(open_rgb(sample.path), self.size, self.crop_pct)
+            return synthetic_pixels(sample, self.synthetic, self.run_seed, 0, size)
+        return square(open_rgb(sample.path), size, self.crop_pct)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
-        index, view_seed = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
-        chw = torch.from_numpy(np.array(self._pixels(index, view_seed), dtype=np.uint8)).permute(2, 0, 1)
+    def _view(self, index: int, view_seed: int, size: int) -> torch.Tensor:
+        chw = torch.from_numpy(np.array(self._pixels(index, view_seed, size), dtype=np.uint8)).permute(2, 0, 1)
         if self.augment_cfg is not None and view_seed != 0:
-            image = augment(chw, self.augment_cfg, torch.Generator().manual_seed(view_seed))
-        else:
-            image = to_float(chw)
-        return image, self.samples[index].label, index, view_seed
+            return augment(chw, self.augment_cfg, torch.Generator().manual_seed(view_seed))
+        return to_float(chw)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
+        index, view_seed = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        item = (self._view(index, view_seed, self.size), int(self.labels[index]), index, view_seed)
+        if self.teacher_size is None:
+            return item
+        return (*item, self._view(index, view_seed, self.teacher_size))
 
 
 class ViewSampler(Sampler):
@@ -129,62 +147,60 @@ class ViewSampler(Sampler):
     ``views=None`` gives every (epoch, index) a new view seed. ``views=K`` restricts each image to
     K fixed views (seeds independent of the epoch), one of them picked per epoch: the views whose
     teacher outputs were cached.
+
+    ``length`` (default: the number of images) is how many items an epoch has: a longer epoch
+    goes through the images several times, each pass in a new order with new views. It gives a
+    model trained on a few labeled images as many updates per epoch as one trained on many
+    (the baseline beside a student distilled on a pool).
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None,
-                 views: int | None = None, num_replicas: int = 1, rank: int = 0,
-                 subset: Sequence[int] | None = None) -> None:
-        # ``subset``: only these indices are drawn (a fraction of the labels); the indices keep
-        # their meaning in the full dataset, so view seeds and cached outputs still match.
-        self.indices = torch.arange(n) if subset is None else torch.as_tensor(sorted(subset), dtype=torch.long)
-        self.n, self.seed, self.shuffle = len(self.indices), seed, shuffle
-        self.weights = None if weights is None else weights[self.indices]
+                 views: int | None = None, num_replicas: int = 1, rank: int = 0, length: int | None = None) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.weights = weights
         self.views, self.num_replicas, self.rank = views, num_replicas, rank
+        self.length = n if length is None else length
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def view_seed(self, index: int, epoch: int) -> int:
+    def view_seed(self, index: int, epoch: int, rep: int = 0) -> int:
+        """The view of ``index`` in pass ``rep`` of ``epoch`` (``rep`` > 0 only in a longer epoch)."""
+        extra = (rep,) if rep else ()
         if self.views is None:
-            return mix_seed(self.seed, 1, epoch, index) or 1
-        k = mix_seed(self.seed, 2, epoch, index) % self.views
+            return mix_seed(self.seed, 1, epoch, index, *extra) or 1
+        k = mix_seed(self.seed, 2, epoch, index, *extra) % self.views
         return self.cached_view_seed(index, k)
 
     def cached_view_seed(self, index: int, k: int) -> int:
         """The seed of fixed view ``k`` of image ``index`` (never 0, which means 'no augmentation')."""
         return mix_seed(self.seed, 3, k, index) or 1
 
-    def _order(self) -> list[int]:
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, 4, self.epoch))
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
-        order = self.indices[order].tolist()
+    def _order(self) -> list[tuple[int, int]]:
+        """(index, pass) pairs of this rank for the epoch."""
+        order: list[tuple[int, int]] = []
+        for rep in range(-(-self.length // self.n)):
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, 4, self.epoch, *((rep,) if rep else ())))
+            if self.weights is not None:
+                drawn = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
+            elif self.shuffle:
+                drawn = torch.randperm(self.n, generator=gen)
+            else:
+                drawn = torch.arange(self.n)
+            order += [(i, rep) for i in drawn.tolist()]
+        order = order[:self.length]
         if self.num_replicas > 1:
             total = -(-len(order) // self.num_replicas) * self.num_replicas
             order = (order + order[: total - len(order)])[self.rank::self.num_replicas]
         return order
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._order():
-            yield index, self.view_seed(index, self.epoch)
+        for index, rep in self._order():
+            yield index, self.view_seed(index, self.epoch, rep)
 
     def __len__(self) -> int:
-        return -(-self.n // self.num_replicas)
-
-
-def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> list[int]:
-    """``fraction`` of the indices of each class (at least one per class), drawn with ``seed``."""
-    rng = np.random.default_rng([seed, 5])
-    keep: list[int] = []
-    for cls in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == cls).flatten().numpy()
-        keep += rng.permutation(members)[: max(1, round(fraction * len(members)))].tolist()
-    return sorted(keep)
+        return -(-self.length // self.num_replicas)
 
 
 def default_workers() -> int:
@@ -202,18 +218,23 @@ def class_weights(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
 def make_loader(dataset: InspectionDataset, batch_size: int, *, train: bool, seed: int,
                 weighted: bool = False, views: int | None = None, num_workers: int | None = None,
                 num_replicas: int = 1, rank: int = 0, drop_last: bool | None = None,
-                fraction: float = 1.0) -> DataLoader:
+                epoch_length: int | None = None) -> DataLoader:
     """A DataLoader over (index, view seed) keys; evaluation loaders keep order and plain views.
+    A training epoch has ``epoch_length`` items (default: every image once; see :class:`ViewSampler`).
 
-    ``fraction`` < 1 (training only) draws from a stratified, seeded subset of the images.
+    ``weighted`` draws the labeled images with equal expected counts of each class; an unlabeled
+    image (label -1) keeps weight 1, the weight of an image of a balanced set.
     """
     workers = default_workers() if num_workers is None else num_workers
     if train:
-        subset = stratified_subset(dataset.labels, fraction, seed) if fraction < 1.0 else None
-        labels = dataset.labels if subset is None else dataset.labels[subset]
-        weights = class_weights(labels)[dataset.labels] if weighted else None
+        weights = None
+        if weighted:
+            labels = dataset.labels
+            known = labels >= 0
+            weights = torch.ones(len(labels))
+            weights[known] = class_weights(labels[known])[labels[known]]
         sampler: Sampler = ViewSampler(len(dataset), seed=seed, weights=weights, views=views,
-                                       num_replicas=num_replicas, rank=rank, subset=subset)
+                                       num_replicas=num_replicas, rank=rank, length=epoch_length)
     else:
         indices = list(range(len(dataset)))[rank::num_replicas]
         sampler = indices  # type: ignore[assignment]

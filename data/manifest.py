@@ -14,9 +14,14 @@ from pathlib import Path
 from core.errors import UserError
 from core.files import atomic_write_text
 
-__all__ = ["Sample", "SkippedFile", "SPLITS", "write_manifest", "read_manifest", "write_skipped"]
+__all__ = ["Sample", "SkippedFile", "SPLITS", "UNLABELED", "write_manifest", "read_manifest", "write_skipped"]
 
+#: The labeled splits: every model is evaluated on each of them.
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
+#: Images no stage may learn a label from: a pool of unlabeled images (label -1: unknown), and the
+#: training images whose labels ``data.label_fraction`` held back (their true label stays in the
+#: manifest for the record, and synthetic beads need it to be rendered; loaders give -1).
+UNLABELED = "unlabeled"
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,8 @@ class Sample:
 
     ``path`` is a file path, or ``synthetic:<split>/<index>`` for a rendered bead. ``group`` names
     the near-identical frames it belongs to (a capture session); groups never straddle splits.
-    ``split`` is train/val/test, or None until the splitter assigns one.
+    ``split`` is train/val/test, ``unlabeled`` (:data:`UNLABELED`), or None until the splitter
+    assigns one.
     """
 
     path: str

@@ -27,12 +27,13 @@ from data.folder import read_folder
 from data.images import phash_bits, scan_images, thumbnail
 from data.loader import InspectionDataset, class_weights, make_loader, resize_rendered, synthetic_pixels
 from core.files import atomic_write_text
-from data.manifest import SPLITS, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
+from data.manifest import SPLITS, UNLABELED, Sample, SkippedFile, read_manifest, write_manifest, write_skipped
+from data.pool import hold_back_labels, pool_counts, pool_leaks, read_pool, synthetic_pool
 from core.schema import to_dict
 from data.split import check_splits, complete_splits, straddling_groups, with_groups
 from data.tile_data import TileAccess, render_synthetic
 from data.tiles import check_tile_splits, make_tiles, tile_report, tile_summary_lines
-from data.yolo import read_yolo
+from data.yolo import IMAGE_EXTENSIONS, read_yolo
 
 __all__ = ["PreparedData", "prepare_data", "summary_lines", "LeakageWarning"]
 
@@ -57,7 +58,9 @@ class PreparedData(TileAccess):
     report: dict
     tiles: list[Sample] = field(default_factory=list)
     _pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
-    _variants: dict[int, dict] = field(default_factory=dict, repr=False)  # synthetic.variants renders, by size
+    #: synthetic.variants renders by size, then (index within a training dataset, variant); the
+    #: training datasets of all stages are built over the same splits, so they share them.
+    _variants: dict[int, dict] = field(default_factory=dict, repr=False)
     _tile_pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)  # tiles, by size
 
     def split(self, name: str) -> list[Sample]:
@@ -99,9 +102,15 @@ class PreparedData(TileAccess):
             self._pixels[size] = [r.pixels for r in results]
         return self._pixels[size]
 
-    def dataset(self, split: str, size: int, *, train: bool = False) -> InspectionDataset:
-        index = [i for i, s in enumerate(self.samples) if s.split == split]
+    def dataset(self, split: str | tuple[str, ...], size: int, *, train: bool = False,
+                teacher_size: int | None = None) -> InspectionDataset:
+        """The images of one split, or of several (``("train", "unlabeled")``: the labeled training
+        images, then the unlabeled ones), at ``size``; with ``teacher_size`` each item also carries
+        the teacher's own view (see :class:`data.loader.InspectionDataset`)."""
+        splits = (split,) if isinstance(split, str) else tuple(split)
+        index = [i for name in splits for i, s in enumerate(self.samples) if s.split == name]
         cached = self._cached_pixels(size)
+        t_cached = self._cached_pixels(teacher_size) if teacher_size is not None else None
         dataset = InspectionDataset(
             [self.samples[i] for i in index], size,
             augment_cfg=self.cfg.augment if train else None,
@@ -109,19 +118,20 @@ class PreparedData(TileAccess):
             synthetic=self.cfg.synthetic if self.cfg.source == "synthetic" else None,
             run_seed=self.seed,
             pixels=[cached[i] for i in index] if cached is not None else None,
+            teacher_size=teacher_size,
+            teacher_pixels=[t_cached[i] for i in index] if t_cached is not None else None,
         )
         if train:  # the beads rendered for one stage serve the next (teacher, then student)
-            dataset._variants = self._variants.setdefault(size, {})
-            if self.cfg.source == "synthetic":
-                dataset._native_variants = self._variants.setdefault(self.cfg.synthetic.image_size, {})
+            dataset.variant_cache = self._variants
         return dataset
 
-    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
-               num_replicas: int = 1, rank: int = 0, fraction: float = 1.0) -> DataLoader:
+    def loader(self, split: str | tuple[str, ...], size: int, batch_size: int, *, train: bool = False,
+               views: int | None = None, teacher_size: int | None = None, num_replicas: int = 1,
+               rank: int = 0, epoch_length: int | None = None) -> DataLoader:
         return make_loader(
-            self.dataset(split, size, train=train), batch_size, train=train, seed=self.seed,
-            weighted=train and self.cfg.sampler == "weighted", views=views,
-            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, fraction=fraction,
+            self.dataset(split, size, train=train, teacher_size=teacher_size), batch_size, train=train,
+            seed=self.seed, weighted=train and self.cfg.sampler == "weighted", views=views,
+            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, epoch_length=epoch_length,
         )
 
 
@@ -170,6 +180,10 @@ def _check_images(cfg: DataConfig, samples: list[Sample],
 # ----------------------------------------------------------------------------- the stage
 def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     """Run (or reuse) the data stage and return the split dataset."""
+    if cfg.tiles is not None and (cfg.label_fraction < 1 or cfg.unlabeled or cfg.synthetic.num_unlabeled):
+        raise UserError("data.tiles does not combine with unlabeled images yet (data.label_fraction < 1, "
+                        "data.unlabeled or data.synthetic.num_unlabeled): tile labels come from every image's "
+                        "boxes; remove one of the two")
     if cfg.tiles is not None and cfg.source == "folder":
         raise UserError(
             "data.tiles: tiles are labelled from defect boxes, and data.source 'folder' has only a label per image "
@@ -193,18 +207,31 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
 
     samples, skipped, info = _read_source(cfg)
     boxes = info.pop("boxes", {})
+    pool = [s for s in samples if s.split == UNLABELED]  # a YOLO split named 'unlabeled'
+    samples = [s for s in samples if s.split != UNLABELED]
+    if cfg.unlabeled:
+        more, skip = read_pool(cfg.unlabeled, IMAGE_EXTENSIONS)
+        pool, skipped = pool + more, skipped + skip
+    pool_hashes: list = []
+    pool_thumbs: list = []
     if cfg.source == "synthetic":
-        samples = _synthetic_samples(cfg, seed)
-        rendered = PreparedData(cfg, samples, seed, {})
+        samples, pool = _synthetic_samples(cfg, seed), synthetic_pool(cfg.synthetic, seed)
+        rendered = PreparedData(cfg, samples + pool, seed, {})
         if cfg.tiles is not None:  # the boxes come with the renders; keep those for the hashes and for training
             rendered._pixels[cfg.synthetic.image_size], boxes = render_synthetic(samples, cfg.synthetic, seed)
         renders = rendered._cached_pixels(cfg.synthetic.image_size) if cfg.dedup else None
-        hashes: list[int | None] = [phash_bits(p) for p in renders] if renders else [None] * len(samples)
-        thumbs: list[np.ndarray | None] = [thumbnail(p) for p in renders] if renders else [None] * len(samples)
+        hashes: list[int | None] = [phash_bits(p) for p in renders] if renders else [None] * len(rendered.samples)
+        thumbs: list[np.ndarray | None] = [thumbnail(p) for p in renders] if renders else [None] * len(hashes)
+        hashes, pool_hashes = hashes[:len(samples)], hashes[len(samples):]
+        thumbs, pool_thumbs = thumbs[:len(samples)], thumbs[len(samples):]
         sizes = [(cfg.synthetic.image_size, cfg.synthetic.image_size)] * len(samples)
         split_note = "synthetic splits"
     else:
-        samples, hashes, thumbs, sizes = _check_images(cfg, samples, skipped)
+        checked, hashes, thumbs, sizes = _check_images(cfg, samples + pool, skipped)  # every image, pool too
+        keep = [s.split != UNLABELED for s in checked]
+        pool_hashes, pool_thumbs = [h for h, k in zip(hashes, keep) if not k], [t for t, k in zip(thumbs, keep) if not k]
+        pool = [s for s, k in zip(checked, keep) if not k]
+        samples, hashes, thumbs, sizes = ([x for x, k in zip(xs, keep) if k] for xs in (checked, hashes, thumbs, sizes))
         samples, unmatched = with_groups(samples, cfg.group_by)
         info["group_by"] = {"regex": cfg.group_by, "names_not_matched": unmatched} if cfg.group_by else None
         had_splits = any(s.split for s in samples)
@@ -232,6 +259,16 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
             f"{duplicates['pairs']} near-duplicate image pair(s) across splits "
             f"({duplicates['test_images_with_duplicate_elsewhere']} test images have one in train/val): test "
             "scores may be optimistic; see data/duplicates.json and consider data.group_by", LeakageWarning, stacklevel=2)
+    if pool and cfg.dedup:  # a pool image copying a held-out image is leakage: refused
+        held_out = [i for i, s in enumerate(samples) if s.split in ("val", "test")]
+        pool_leaks(samples, cross_split_duplicates(
+            [samples[i] for i in held_out] + pool, [hashes[i] for i in held_out] + pool_hashes,
+            [thumbs[i] for i in held_out] + pool_thumbs, cfg.dedup_distance, cfg.dedup_max_pixel_diff,
+            splits=("val", "test", UNLABELED)))
+    samples = hold_back_labels(samples, cfg.label_fraction, seed) + pool
+    counts = check_splits([s for s in samples if s.split in SPLITS])  # the labeled images of each split
+    if any(s.split == UNLABELED for s in samples):
+        info["unlabeled"] = {**pool_counts(samples), "label_fraction": cfg.label_fraction}
     report = {
         "source": cfg.source,
         **info,
@@ -244,7 +281,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, seed: int) -> PreparedData:
     }
     write_skipped(skipped, out_dir / "skipped.csv")
     atomic_write_text(out_dir / "duplicates.json", json.dumps(duplicates, indent=2))
-    write_manifest(samples + tiles, manifest)
+    write_manifest(samples + tiles, manifest)  # image rows (unlabeled ones too), then tile rows
     atomic_write_text(report_path, json.dumps(report, indent=2))
     provenance.save(record_path, provenance.finish(record, out_dir, ["manifest.csv"]))  # last: marks the stage done
     prepared = PreparedData(cfg, samples, seed, report, tiles)
@@ -269,6 +306,12 @@ def summary_lines(report: dict) -> list[str]:
         total = c["normal"] + c["defect"]
         lines.append(f"  {sp:<5} {total:>6} images  normal {c['normal']:>6}  defect {c['defect']:>6}"
                      f"  ({100 * c['defect'] / max(total, 1):.1f}% defect)")
+    unlabeled = report.get("unlabeled")
+    if unlabeled:
+        held = (f", {unlabeled['held_back_from_train']} training images whose labels data.label_fraction "
+                f"{unlabeled['label_fraction']} held back" if unlabeled["held_back_from_train"] else "")
+        lines.append(f"  unlabeled {unlabeled['images']:>6} images: pool {unlabeled['pool']}{held} "
+                     "(no stage learns a label from them)")
     if report.get("tiles"):
         lines += tile_summary_lines(report["tiles"])
     if report["skipped"]:

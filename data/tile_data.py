@@ -92,9 +92,9 @@ class TileDataset(InspectionDataset):
         self.sources = sources
         self._last: tuple[str, np.ndarray] | None = None  # the last decoded parent: eval reads tiles in order
 
-    def _pixels(self, index: int, view_seed: int) -> np.ndarray:
-        if self.pixels is not None:
-            return self.pixels[index]
+    def _pixels(self, index: int, view_seed: int, size: int) -> np.ndarray:
+        if size in self.cached:
+            return self.cached[size][index]
         parent = self.parent_samples[index]
         if self.sources is not None:
             image = self.sources[index]
@@ -102,7 +102,7 @@ class TileDataset(InspectionDataset):
             if self._last is None or self._last[0] != parent.path:
                 self._last = (parent.path, source_pixels(parent, self.tile_synthetic, self.run_seed))
             image = self._last[1]
-        return crop_tile(image, self.samples[index].tile, self.size, name=parent.path)  # type: ignore[arg-type]
+        return crop_tile(image, self.samples[index].tile, size, name=parent.path)  # type: ignore[arg-type]
 
 
 def _decode_tiles(images: dict[str, Sample], tiles: list[Sample], size: int) -> list[np.ndarray]:
@@ -194,10 +194,10 @@ class TileAccess:
 
     def tile_loader(self, split: str, size: int, batch_size: int, *, train: bool = False,
                     include_excluded: bool | None = None, views: int | None = None, num_replicas: int = 1,
-                    rank: int = 0, fraction: float = 1.0) -> DataLoader:
+                    rank: int = 0) -> DataLoader:
         """Like ``PreparedData.loader``, over :meth:`tile_dataset` (``(index, view_seed)`` keys)."""
         return make_loader(
             self.tile_dataset(split, size, train=train, include_excluded=include_excluded), batch_size,
             train=train, seed=self.seed, weighted=train and self.cfg.sampler == "weighted", views=views,
-            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, fraction=fraction,
+            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank,
         )

@@ -21,13 +21,15 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import read_yaml_mapping
-from data.manifest import Sample, SkippedFile
+from data.manifest import UNLABELED, Sample, SkippedFile
+from data.pool import POOL_ORIGIN
 
 __all__ = ["IMAGE_EXTENSIONS", "YoloBox", "YoloDataset", "read_yolo", "label_path_for", "parse_label_file",
            "parse_label_objects"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-_SPLIT_KEYS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+_SPLIT_KEYS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",),
+               UNLABELED: (UNLABELED,)}
 _MAX_LISTED = 20
 
 #: One object of a label file: class id, then centre x, centre y, width, height (normalised to [0, 1]).
@@ -258,6 +260,9 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
             images, skip = _images_in(_resolve_entry(root, entry), root, yaml_path, outside)
             skipped.extend(skip)
             for image in images:
+                if split == UNLABELED:  # a pool: no label files, no label (data/pool.py)
+                    samples.append(Sample(str(image), -1, image.stem, UNLABELED, f"{POOL_ORIGIN} (data.yaml '{split}')"))
+                    continue
                 label_file = label_path_for(image)
                 if not label_file.is_file():
                     missing.append(str(image))
@@ -279,6 +284,8 @@ def read_yolo(path: str | Path, defect_classes: list[int | str] | None, missing_
                 else:
                     c["normal_empty"] += 1
                     samples.append(Sample(str(image), 0, image.stem, split, "empty label file"))
+    if UNLABELED in counts:
+        counts[UNLABELED] = {"pool": sum(s.split == UNLABELED for s in samples)}
     problems, outside, missing = (list(dict.fromkeys(x)) for x in (problems, outside, missing))
     if problems:
         raise _list_error(

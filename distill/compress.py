@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core.files import atomic_write, atomic_write_rows, atomic_write_text
-from distill.stages import Context, begin, finish, student_run_parts
+from distill.losses import cross_entropy
+from distill.stages import Context, begin, finish, learned_from, student_run_parts
 from student.prune import StudentPruner
 from training.distributed import barrier
 from training.loop import fit
@@ -74,7 +74,7 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
         atomic_write_rows(stage_dir / "metrics.csv", _round_rows(stage_dir, pruner.rounds))
     structure = pruner.structure()
     finish(ctx, model, stage_dir, record, result,
-           {"pruning": structure, "cost": {"macs_unpruned": structure["macs"][0], "macs": structure["macs"][1],
+           {"learned_from": learned_from(train), "pruning": structure, "cost": {"macs_unpruned": structure["macs"][0], "macs": structure["macs"][1],
                                            "params_unpruned": structure["params"][0],
                                            "params": structure["params"][1], "rounds": structure["rounds"]}})
     return model.eval()
@@ -95,9 +95,9 @@ def _round_rows(stage_dir: Path, rounds: list[dict[str, Any]]) -> list[dict[str,
 
 
 def _taylor_loss(model: Classifier, train_loader):
-    """Cross-entropy on one training batch, for Taylor importance's gradients."""
+    """Cross-entropy on one training batch (its labeled images), for Taylor importance's gradients."""
     def loss_fn(net: torch.nn.Module) -> torch.Tensor:
-        images, labels, _, _ = next(iter(train_loader))
+        images, labels = next(iter(train_loader))[:2]
         device = next(net.parameters()).device
-        return F.cross_entropy(net(model.view(images.to(device))), labels.to(device))
+        return cross_entropy(net(model.view(images.to(device))), labels.to(device))
     return loss_fn

@@ -62,6 +62,9 @@ class DistillConfig:
     cache_views: int = 4
     #: Also train the same student without the teacher, to show what distillation bought.
     baseline: bool = False
+    #: Learn from the teacher's outputs on the unlabeled images too (data.label_fraction < 1,
+    #: data.unlabeled, synthetic.num_unlabeled); false: on the labeled images only.
+    unlabeled: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -97,6 +100,21 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+
+
+#: Settings that no longer exist, and what replaced them: an old config fails with this, not with
+#: a guess at the closest key.
+RETIRED: dict[str, str] = {
+    "student.train_fraction": (
+        "was replaced by data.label_fraction, which holds the labels back from every stage (the teacher and "
+        "the baseline too, not only the student; the held-back images become unlabeled): set "
+        "data.label_fraction instead"
+    ),
+}
+
+
+def _retired(key: str, where: str) -> UserError:
+    return UserError(f"'{key}'{where} {RETIRED[key]}")
 
 
 # ----------------------------------------------------------------------------- YAML with lines
@@ -171,6 +189,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise UserError(f"override '{item}' must look like section.key=value (e.g. teacher.epochs=3)")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key in RETIRED:
+            raise _retired(key, " (command-line override)")
         try:
             tp = type_at(Config, key)
         except KeyError:
@@ -224,6 +244,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             probe = probe.rpartition(".")[0]
         return f" ({path})"
 
+    for key in RETIRED:
+        section, _, name = key.rpartition(".")
+        if isinstance(merged.get(section), dict) and name in merged[section]:
+            raise _retired(key, where(key))
     return build(Config, merged, where)
 
 

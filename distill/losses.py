@@ -41,22 +41,28 @@ ClassWeights = Tensor | Sequence[float] | None
 def cross_entropy(
     logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, class_weights: Tensor | None = None
 ) -> Tensor:
-    """Cross-entropy to class indices (B,) or soft / mixed-up targets (B, C).
+    """Cross-entropy to class indices (B,) or soft / mixed-up targets (B, C), over the labeled
+    images only: an index of -1, or a soft row of zeros, marks an unlabeled image, which adds
+    nothing (a batch without a labeled image gives 0, with the graph kept).
 
     Targets y are smoothed to (1 - eps) y + eps / C, then
         CE = sum_i sum_c w_c y_ic (-log p_ic) / sum_i sum_c w_c y_ic,
-    a weighted mean over samples, each weighted by the class weight of its target. With one-hot
-    targets this is exactly ``F.cross_entropy(logits, index, weight=w)``, so mixup's targets at
-    lam = 1 give the loss of the plain labels; without weights it is the plain mean.
+    a weighted mean over the labeled samples, each weighted by the class weight of its target. With
+    one-hot targets this is exactly ``F.cross_entropy(logits, index, weight=w)``, so mixup's targets
+    at lam = 1 give the loss of the plain labels; without weights it is the plain mean.
     """
     log_p = F.log_softmax(logits.float(), dim=-1)  # float32 even outside autocast
     num_classes = logits.shape[-1]
     if targets.dim() == 1:
-        targets = F.one_hot(targets, num_classes)
-    targets = targets.to(log_p) * (1.0 - label_smoothing) + label_smoothing / num_classes
+        targets = F.one_hot(targets.clamp_min(0), num_classes) * (targets >= 0).unsqueeze(1)
+    labeled = targets.sum(dim=1, keepdim=True) > 0
+    targets = targets.to(log_p) * (1.0 - label_smoothing) + label_smoothing / num_classes * labeled
     if class_weights is not None:
         targets = targets * class_weights.to(log_p)
-    return -(targets * log_p).sum() / targets.sum()
+    total = targets.sum()
+    if not bool(labeled.any()):
+        return (log_p * 0.0).sum()
+    return -(targets * log_p).sum() / total
 
 
 def _soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -183,31 +189,41 @@ def feature_kd_loss(
 
 
 def mixup(
-    images: Tensor, targets: Tensor, alpha: float, generator: torch.Generator, num_classes: int = 2
-) -> tuple[Tensor, Tensor, float]:
+    images: Tensor, targets: Tensor, alpha: float, generator: torch.Generator, num_classes: int = 2,
+    also: Tensor | None = None,
+) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """Mixup (Zhang et al. 2018, https://arxiv.org/abs/1710.09412) for function matching
     (Beyer et al. 2022, https://arxiv.org/abs/2106.05237).
 
         lam ~ Beta(alpha, alpha),  x' = lam x + (1 - lam) x[perm],  y' = lam y + (1 - lam) y[perm]
 
-    Give the teacher and the student the same ``x'``: mixed images are borderline inputs on
-    which the teacher's soft outputs carry information, which with two classes plain soft
-    targets barely do. ``lam`` and ``perm`` come from ``generator`` only (same generator state,
-    same mix; the global RNG is untouched). Targets are indices (B,), one-hot encoded with
-    ``num_classes``, or soft (B, C); the returned targets are always soft (B, C).
+    Give the teacher and the student the same mix: mixed images are borderline inputs on which
+    the teacher's soft outputs carry information, which with two classes plain soft targets
+    barely do. ``also`` (the teacher's own view of the same images, at its resolution) is mixed
+    with the same ``lam`` and ``perm``. ``lam`` and ``perm`` come from ``generator`` only (same
+    generator state, same mix; the global RNG is untouched). Targets are indices (B,), one-hot
+    encoded with ``num_classes`` (-1: unlabeled), or soft (B, C); the returned targets are always
+    soft (B, C), with a row of zeros wherever either image of a mix was unlabeled: a label only
+    half known is not a label.
 
     ``alpha == 0`` turns mixing off: the images come back unchanged, targets one-hot, lam = 1,
     and the generator is not advanced.
     """
     if alpha < 0:
         raise ValueError(f"mixup alpha must be >= 0 (0 turns it off), got {alpha}")
-    soft = F.one_hot(targets, num_classes).float() if targets.dim() == 1 else targets.float()
+    if targets.dim() == 1:
+        soft = F.one_hot(targets.clamp_min(0), num_classes).float() * (targets >= 0).unsqueeze(1)
+    else:
+        soft = targets.float()
     if alpha == 0:
-        return images, soft, 1.0
+        return images, soft, 1.0, also
     # torch's Beta sampler takes no generator; seed Python's from it so the draw is reproducible.
     seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
     lam = random.Random(seed).betavariate(alpha, alpha)
     perm = torch.randperm(images.shape[0], generator=generator, device=generator.device)
-    perm = perm.to(images.device)
-    mixed = lam * images + (1.0 - lam) * images[perm]
-    return mixed, lam * soft + (1.0 - lam) * soft[perm], lam
+    labeled = soft.sum(dim=1) > 0
+    both = (labeled & labeled[perm.to(labeled.device)]).unsqueeze(1)
+    mixed_targets = (lam * soft + (1.0 - lam) * soft[perm.to(soft.device)]) * both
+    mixed = lam * images + (1.0 - lam) * images[perm.to(images.device)]
+    mixed_also = None if also is None else lam * also + (1.0 - lam) * also[perm.to(also.device)]
+    return mixed, mixed_targets, lam, mixed_also

@@ -25,7 +25,7 @@ from core.errors import UserError
 from core.rundir import PREDICTIONS, RECORD, STAGE_OF, WEIGHTS, RunDir, write_predictions
 from core.schema import to_dict
 from data import CLASS_NAMES
-from data.manifest import SPLITS
+from data.manifest import SPLITS, UNLABELED
 from data.prepare import PreparedData
 from distill.config import Config
 from distill.steps import StudentTrainee, ce_step, distill_step, make_projector
@@ -41,7 +41,7 @@ from training.loop import FitResult, fit
 from training.modeling import Classifier, load_model, save_artifact
 
 __all__ = ["Context", "StaleWarning", "teacher_stage", "student_stage", "baseline_stage", "finish", "stage_record",
-           "check_finished_stages", "begin", "finished_or_none"]
+           "check_finished_stages", "begin", "finished_or_none", "learned_from"]
 
 
 @dataclass
@@ -57,11 +57,12 @@ class Context:
     def run(self) -> RunDir:
         return RunDir(self.run_dir)
 
-    def loader(self, split: str, size: int, batch_size: int, *, train: bool = False, views: int | None = None,
-               fraction: float = 1.0):
+    def loader(self, split: str | tuple[str, ...], size: int, batch_size: int, *, train: bool = False,
+               views: int | None = None, teacher_size: int | None = None, epoch_length: int | None = None):
         """This process's loader: under torchrun, its shard of every batch (``batch_size`` is global)."""
         return self.data.loader(split, size, self.dist.shard_batch(batch_size), train=train, views=views,
-                                num_replicas=self.dist.world, rank=self.dist.rank, fraction=fraction)
+                                teacher_size=teacher_size, num_replicas=self.dist.world, rank=self.dist.rank,
+                                epoch_length=epoch_length)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -226,16 +227,22 @@ def teacher_stage(ctx: Context) -> Classifier:
     stem = ", convolutional stem" if cfg.teacher.conv_stem else ""
     ctx.log(f"[teacher] {cfg.teacher.arch}{stem} at {model.img_size} px, {_count(model):,} params, "
             f"{'pretrained' if cfg.teacher.pretrained or cfg.teacher.weights else 'from scratch'}, "
-            f"{cfg.teacher.epochs} epochs on {ctx.device.type}")
+            f"{cfg.teacher.epochs} epochs on {ctx.device.type}, on {len(train.dataset)} labeled training images")
     result = fit(model, ce_step(cfg.teacher.label_smoothing, weights), train, val, cfg.teacher, stage_dir,
                  device=ctx.device, optimizer_factory=teacher_optimizer(cfg.teacher), name="teacher",
                  record=record, dist=ctx.dist, log=ctx.log)
-    finish(ctx, model, stage_dir, record, result, {"conv_stem": cfg.teacher.conv_stem})
+    finish(ctx, model, stage_dir, record, result, {"conv_stem": cfg.teacher.conv_stem, "learned_from": learned_from(train)})
     return model.eval()
 
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def learned_from(train_loader) -> dict[str, int]:
+    """How many labeled and unlabeled images a training loader draws from (meta.json and the report)."""
+    unlabeled = int((train_loader.dataset.labels < 0).sum())
+    return {"labeled": len(train_loader.dataset) - unlabeled, "unlabeled": unlabeled}
 
 
 # ----------------------------------------------------------------------------- student
@@ -247,14 +254,26 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     cfg = ctx.cfg
     train_cfg = train_cfg or cfg.student
     weights = ctx.data.class_weights() if cfg.data.class_weighted_loss else None
-    # One crop for both models, at the larger of their sizes; each resizes it to its own.
-    size = max(student.img_size, teacher.img_size) if teacher is not None else student.img_size
     cached = teacher is not None and cfg.distill.teacher_outputs == "cached"
-    train = ctx.loader("train", size, train_cfg.batch_size, train=True, views=cfg.distill.cache_views if cached else None,
-                       fraction=cfg.student.train_fraction)
+    # With a teacher, the student learns from every training image, labeled or not (the teacher's
+    # outputs are its targets on all of them); on its own, from the labeled ones only. The teacher
+    # gets its own view of each image at its own resolution (data/loader.py).
+    # On the labeled images alone, an epoch still has one draw per training image, labeled or not:
+    # the same number of updates as a student distilled on all of them, so that a comparison of the
+    # two is not one of training length.
+    pool = teacher is not None and cfg.distill.unlabeled
+    splits = ("train", UNLABELED) if pool else ("train",)
+    teacher_size = teacher.img_size if teacher is not None and teacher.img_size != student.img_size else None
+    n_unlabeled = len(ctx.data.split(UNLABELED))
+    epoch_length = len(ctx.data.split("train")) + n_unlabeled if not pool and n_unlabeled else None
+    train = ctx.loader(splits, student.img_size, train_cfg.batch_size, train=True, teacher_size=teacher_size,
+                       views=cfg.distill.cache_views if cached else None, epoch_length=epoch_length)
     val = ctx.loader("val", student.img_size, 64)
-    labels = (f", on {train.sampler.n} of {len(train.dataset)} training images (student.train_fraction)"
-              if cfg.student.train_fraction < 1.0 else "")
+    seen = learned_from(train)
+    labels = f", on {seen['labeled']} labeled" + (f" and {seen['unlabeled']} unlabeled" if seen["unlabeled"] else "") \
+        + " training images"
+    if epoch_length:
+        labels += f" ({epoch_length} draws an epoch, as many updates as the distilled student)"
     if teacher is None:
         return train, val, StudentTrainee, ce_step(train_cfg.label_smoothing, weights), "from scratch" + labels
     teacher.to(ctx.device)
@@ -283,7 +302,8 @@ def _student_run(ctx: Context, name: str, teacher: Classifier | None) -> Classif
     ctx.log(f"[{name}] {cfg.student.arch} at {student.img_size} px, {_count(student):,} params, {what}")
     result = fit(trainee_of(student), step, train, val, cfg.student, stage_dir, device=ctx.device,
                  eval_model=student, channels_last=True, name=name, record=record, dist=ctx.dist, log=ctx.log)
-    finish(ctx, student, stage_dir, record, result, {"distilled_from": "teacher" if teacher is not None else None})
+    finish(ctx, student, stage_dir, record, result, {"distilled_from": "teacher" if teacher is not None else None,
+                                                     "learned_from": learned_from(train)})
     return student.eval()
 
 

@@ -54,7 +54,7 @@ def ce_step(label_smoothing: float = 0.0, class_weights: torch.Tensor | None = N
     """Plain supervised step (the teacher, and the from-scratch baseline student)."""
 
     def step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        images, labels, _, _ = batch
+        images, labels = batch[0], batch[1]
         out = model(images)
         logits = out[0] if isinstance(out, tuple) else out
         weights = class_weights.to(logits.device) if class_weights is not None else None
@@ -68,7 +68,10 @@ def distill_step(teacher: Classifier, cfg: DistillConfig, *, label_smoothing: fl
                  generator: torch.Generator | None = None) -> Callable:
     """The student's step: teacher outputs (live, or from the cache), then the chosen loss.
 
-    With ``distill.mixup`` > 0, teacher and student see the same mixed batch (function matching).
+    The teacher scores its own view of each image when the batch carries one (a fifth element: the
+    same augmented image at the teacher's resolution), else the student's. With ``distill.mixup``
+    > 0, teacher and student see the same mix (function matching). Unlabeled images (label -1)
+    reach only the distillation term: the cross-entropy counts labeled images only.
     """
     teacher.eval()
     for p in teacher.parameters():
@@ -76,20 +79,22 @@ def distill_step(teacher: Classifier, cfg: DistillConfig, *, label_smoothing: fl
     gen = generator or torch.Generator().manual_seed(0)
 
     def step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        images, labels, index, views = batch
+        images, labels, index, views = batch[:4]
+        teacher_images = batch[4] if len(batch) > 4 else images
         targets: torch.Tensor = labels
         if cfg.mixup > 0:
-            images, targets, _ = mixup(images, labels, cfg.mixup, gen)
+            images, targets, _, mixed = mixup(images, labels, cfg.mixup, gen, also=batch[4] if len(batch) > 4 else None)
+            teacher_images = images if mixed is None else mixed
         tokens = None
         if cache is not None:
             t_logits = cache.lookup(index, views).to(images.device)
         else:
             with torch.no_grad():
                 if cfg.loss == "feature":
-                    tokens = teacher.forward_features(images)
+                    tokens = teacher.forward_features(teacher_images)
                     t_logits = teacher.net.forward_head(tokens)
                 else:
-                    t_logits = teacher(images)
+                    t_logits = teacher(teacher_images)
         s_logits, fmap = model(images)
         weights = class_weights.to(s_logits.device) if class_weights is not None else None
         if cfg.loss == "kd":

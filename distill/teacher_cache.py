@@ -66,9 +66,9 @@ def build_teacher_cache(teacher: nn.Module, dataset: InspectionDataset, sampler:
     loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=0)
     teacher.eval().to(device)
     outs = []
-    for images, _, _, _ in tqdm(loader, desc=f"cache teacher ({k} views)", unit="batch", leave=False, mininterval=1.0,
-                                disable=None):
-        images = images.to(device)
+    for batch in tqdm(loader, desc=f"cache teacher ({k} views)", unit="batch", leave=False, mininterval=1.0,
+                      disable=None):
+        images = batch[-1 if dataset.teacher_size is not None else 0].to(device)  # the teacher's own view
         if precision is not None:
             with precision.autocast(device):
                 outs.append(teacher(images).float().cpu())

@@ -17,15 +17,6 @@ class StudentConfig(ModelConfig):
 
     arch: str = "mobilenetv3_large_100"
     lr: float = 1e-3
-    #: Fraction of the training split the student (and its baseline, and the pruned student) learn
-    #: from: a stratified, seeded subset. The teacher keeps all of it. Below 1 it shows what
-    #: distillation does with few labels (benchmarks/bench_distill.py).
-    train_fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise FieldError("train_fraction", f"must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass(frozen=True)

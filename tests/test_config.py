@@ -65,7 +65,11 @@ def test_yaml_float_without_dot_is_accepted(tmp_path: Path) -> None:
         ("", ["teacher.epochs"], "must look like section.key=value"),
         ("", ["distill.mixup=0.2", "distill.teacher_outputs=cached"], "needs distill.teacher_outputs=live"),
         ("", ["prune.target={flops: 0.5}"], "'prune.target'"),
-        ("", ["student.train_fraction=0"], "'student.train_fraction' (command-line override) must be in (0, 1]"),
+        ("", ["data.label_fraction=0"], "'data.label_fraction' (command-line override) must be in (0, 1]"),
+        ("", ["student.train_fraction=0.5"], "'student.train_fraction' (command-line override) was replaced by "
+                                             "data.label_fraction"),
+        ("student:\n  lr: 0.1\n  train_fraction: 0.5\n", [], "'student.train_fraction' (c.yaml line 3) was replaced"),
+        ("data:\n  source: synthetic\n  unlabeled: pool/\n", [], "data.synthetic.num_unlabeled"),
         ("run: [1, 2]\n", [], "'run' (c.yaml line 1) must be a mapping"),
     ],
 )

@@ -106,7 +106,7 @@ def test_function_matching_gives_the_teacher_the_same_mixed_batch_in_eval_mode()
     trainee = StudentTrainee(student).train()  # what the fit loop does before every epoch
     images, labels, index, views = next(iter(_train_loader(views=None)))
     step(trainee, (images, labels, index, views))
-    expected, _, lam = mixup(images, labels, 0.4, torch.Generator().manual_seed(3))
+    expected, _, lam, _ = mixup(images, labels, 0.4, torch.Generator().manual_seed(3))
     assert 0.0 < lam < 1.0 and not torch.equal(expected, images)  # a real mix, not the plain batch
     (teacher_input, teacher_training), = seen
     assert not teacher_training
@@ -125,21 +125,51 @@ def test_cached_step_uses_the_cache_not_the_teacher() -> None:
     assert torch.isfinite(out["loss"]) and not calls
 
 
-def test_stage_parts_read_their_own_batch_size_and_label_fraction(tmp_path) -> None:
-    """The prune stage trains with prune.batch_size (not the student's); both see student.train_fraction."""
+def test_stage_parts_read_their_own_batch_size_and_the_unlabeled_images(tmp_path) -> None:
+    """The prune stage trains with prune.batch_size (not the student's). A distilled student learns
+    from the labeled training images and every unlabeled one (held back by data.label_fraction, or
+    the pool), with the teacher's own view; on its own (the baseline), from the labeled ones only."""
     from data.prepare import prepare_data
     from distill.config import load_config
     from distill.stages import Context, student_run_parts
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  source: synthetic\n  synthetic: {image_size: 32, num_train: 40, num_val: 10, "
-                        "num_test: 10, defect_ratio: 0.25}\n", encoding="utf-8")
-    cfg = load_config(cfg_file, ["student.batch_size=16", "prune.batch_size=4", "student.train_fraction=0.5"])
+                        "num_test: 10, defect_ratio: 0.25, num_unlabeled: 8}\n", encoding="utf-8")
+    cfg = load_config(cfg_file, ["student.batch_size=16", "prune.batch_size=4", "data.label_fraction=0.5"])
     data = prepare_data(cfg.data, tmp_path / "run" / "data", 0)
     ctx = Context(cfg, tmp_path / "run", data, CPU, log=lambda _: None)
-    student = _student()
-    train, *_ = student_run_parts(ctx, student, None, tmp_path / "run" / "student")
-    pruned_train, *_, what = student_run_parts(ctx, student, None, tmp_path / "run" / "p", cfg.prune)
-    assert (train.batch_size, pruned_train.batch_size) == (16, 4)
-    assert train.sampler.n == pruned_train.sampler.n == 20 and "on 20 of 40 training images" in what
-    assert int(train.dataset.labels[train.sampler.indices].sum()) == 5  # stratified: half of the 10 defects
+    student, teacher = _student(), _teacher()
+    alone, *_, what = student_run_parts(ctx, student, None, tmp_path / "run" / "student_baseline")
+    assert len(alone.dataset) == 20 and int((alone.dataset.labels >= 0).sum()) == 20
+    assert len(alone.sampler) == 48 and "48 draws an epoch" in what  # as many updates as the distilled student
+    assert int(alone.dataset.labels.sum()) == 5 and "on 20 labeled training images" in what  # half of 10 defects
+    distilled, *_, what = student_run_parts(ctx, student, teacher, tmp_path / "run" / "student")
+    pruned, *_ = student_run_parts(ctx, student, teacher, tmp_path / "run" / "p", cfg.prune)
+    assert (distilled.batch_size, pruned.batch_size) == (16, 4)
+    assert len(distilled.dataset) == 48 and int((distilled.dataset.labels < 0).sum()) == 28
+    assert "on 20 labeled and 28 unlabeled training images" in what
+    image, label, index, view, teacher_view = distilled.dataset[(30, 7)]
+    assert label == -1 and image.shape[-1] == student.img_size and teacher_view.shape[-1] == teacher.img_size
+
+
+def test_the_teacher_sees_its_own_view_of_each_image(tmp_path) -> None:
+    """During distillation the teacher scores the very pixels its own training and evaluation
+    loaders give for that (image, view): rendered at its resolution from the source and augmented
+    with the same seed; not the student's view resampled."""
+    from data.config import DataConfig, SyntheticConfig
+    from data.prepare import prepare_data
+
+    for variants in (None, 2):  # a new bead per view, or a few kept
+        syn = SyntheticConfig(image_size=32, num_train=8, num_val=4, num_test=4, variants=variants)
+        data = prepare_data(DataConfig(source="synthetic", synthetic=syn), tmp_path / f"v{variants}", seed=1)
+        teacher_own = data.dataset("train", 32, train=True)
+        distilled = data.dataset("train", 48, train=True, teacher_size=32)
+        plain_teacher, plain_both = data.dataset("val", 32), data.dataset("val", 48, teacher_size=32)
+        for key in ((0, 11), (5, 12345), (7, 3)):
+            student_view, *_, teacher_view = distilled[key]
+            assert student_view.shape[-1] == 48 and torch.equal(teacher_view, teacher_own[key][0])
+            resampled = torch.nn.functional.interpolate(student_view[None], size=(32, 32), mode="bilinear",
+                                                        antialias=True)[0]
+            assert not torch.allclose(resampled, teacher_view, atol=1e-3)  # what the teacher used to get
+        assert torch.equal(plain_both[2][4], plain_teacher[2][0])

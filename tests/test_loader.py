@@ -8,8 +8,10 @@ import timm
 import torch
 
 from data.config import AugmentConfig
-from data.loader import InspectionDataset, ViewSampler, class_weights, make_loader, stratified_subset
-from data.manifest import Sample
+from data.loader import InspectionDataset, ViewSampler, class_weights, make_loader
+from data.pool import HELD_BACK_ORIGIN, hold_back_labels
+from core.errors import UserError
+from data.manifest import UNLABELED, Sample
 from data.transforms import ModelView, augment, model_view
 
 
@@ -79,27 +81,43 @@ def test_weighted_sampler_balances_classes() -> None:
     assert abs(np.mean(drawn) - 0.5) < 0.05
 
 
-def test_label_fraction_is_stratified_and_keeps_the_views_of_the_full_set() -> None:
-    labels = torch.tensor([1] * 20 + [0] * 80)
-    subset = stratified_subset(labels, 0.1, seed=3)
-    assert len(subset) == 10 and int(labels[subset].sum()) == 2  # 10% of each class
-    assert stratified_subset(labels, 0.1, seed=3) == subset != stratified_subset(labels, 0.1, seed=4)
-    assert sum(labels[stratified_subset(labels, 0.01, seed=0)].tolist()) == 1  # never a class dropped
-    full, part = ViewSampler(100, seed=0, views=2), ViewSampler(100, seed=0, views=2, subset=subset)
-    for epoch in range(3):
-        full.set_epoch(epoch)
-        part.set_epoch(epoch)
-        drawn = list(part)
-        assert sorted(i for i, _ in drawn) == subset and len(part) == 10
-        assert all(v == full.view_seed(i, epoch) for i, v in drawn)  # a cached output still fits its view
+def test_label_fraction_holds_back_a_stratified_seeded_part_of_train() -> None:
+    samples = [Sample(f"t{i}", int(i < 20), str(i), "train") for i in range(100)]
+    samples += [Sample(f"v{i}", i % 2, f"v{i}", "val") for i in range(10)]
+    kept = hold_back_labels(samples, 0.1, seed=3)
+    train = [s for s in kept if s.split == "train"]
+    assert len(train) == 10 and sum(s.label for s in train) == 2  # 10% of each class
+    held = [s for s in kept if s.split == UNLABELED]
+    assert len(held) == 90 and all(s.origin == HELD_BACK_ORIGIN for s in held)
+    assert [s for s in kept if s.split == "val"] == samples[100:]  # validation keeps every label
+    assert hold_back_labels(samples, 0.1, seed=3) == kept != hold_back_labels(samples, 0.1, seed=4)
+    assert hold_back_labels(samples, 1.0, seed=0) == samples
+    with pytest.raises(UserError, match="keeps no labeled defect image of the training split's 20"):
+        hold_back_labels(samples, 0.02, seed=0)
 
 
-def test_loader_with_a_label_fraction_draws_only_its_subset() -> None:
-    ds = _dataset(n=40)
-    loader = make_loader(ds, 4, train=True, seed=0, num_workers=0, fraction=0.25)
-    seen = torch.cat([b[2] for b in loader]).tolist()
-    assert set(seen) <= set(stratified_subset(ds.labels, 0.25, seed=0))
-    assert len(seen) == len(set(seen)) == 8  # 10 images in batches of 4, the last partial one dropped
+def test_a_longer_epoch_passes_over_the_images_again_with_new_views() -> None:
+    plain, longer = ViewSampler(10, seed=4), ViewSampler(10, seed=4, length=25)
+    for epoch in (0, 3):
+        plain.set_epoch(epoch)
+        longer.set_epoch(epoch)
+        drawn = list(longer)
+        assert len(drawn) == len(longer) == 25 and drawn[:10] == list(plain)  # the first pass is the plain epoch
+        assert sorted(i for i, _ in drawn[10:20]) == list(range(10))  # each further pass: every image once
+        assert len({(i, v) for i, v in drawn[:20]}) == 20  # an image's second pass is a new view of it
+
+
+def test_unlabeled_images_load_as_minus_one_and_keep_weight_one_in_a_weighted_sampler() -> None:
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"m{i}", int(i < 4), str(i), "train") for i in range(16)]
+    samples += [Sample(f"u{i}", 1, f"u{i}", UNLABELED) for i in range(16)]  # a true label no stage may see
+    pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in samples]
+    ds = InspectionDataset(samples, 8, pixels=pixels)
+    assert ds.labels[16:].eq(-1).all() and ds[20][1] == -1 and ds[0][1] == 1
+    loader = make_loader(ds, 8, train=True, seed=0, weighted=True, num_workers=0)
+    weights = loader.sampler.weights
+    assert torch.allclose(weights[16:], torch.ones(16))  # an unlabeled image: the weight of a balanced set
+    assert torch.allclose(weights[:4], torch.full((4,), 2.0)) and torch.allclose(weights[4:16], torch.full((12,), 2 / 3))
 
 
 def test_loader_batches_and_workers_agree() -> None:
@@ -144,7 +162,7 @@ def test_synthetic_beads_rendered_once_give_the_pixels_of_rendering_at_each_size
     renders = []
     monkeypatch.setattr(loader_module, "synthetic_pixels", lambda *a: renders.append(a) or real(*a))
     large = data.dataset("train", 48, train=True)
-    beads = [large._pixels(*key) for key in keys]
+    beads = [large._pixels(*key, 48) for key in keys]
     plain = data.dataset("test", 48)[0][0]
     assert renders == []  # every bead and plain view at 48 px came from the 32 px renders
     for (index, view), bead in zip(keys, beads):

@@ -218,7 +218,7 @@ def test_mixup_is_reproducible_and_consistent() -> None:
     b = mixup(images, targets, 0.4, torch.Generator().manual_seed(7))
     assert torch.equal(torch.get_rng_state(), global_state)  # only the given generator is used
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
-    mixed, soft, lam = a
+    mixed, soft, lam, _ = a
     assert 0.0 <= lam <= 1.0
     assert torch.allclose(soft.sum(1), torch.ones(6))
     # Recover the partner of each image and check the targets were mixed with the same one.
@@ -234,7 +234,7 @@ def test_mixup_alpha_zero_is_off() -> None:
     images, targets = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    mixed, soft, lam = mixup(images, targets, 0.0, gen)
+    mixed, soft, lam, _ = mixup(images, targets, 0.0, gen)
     assert lam == 1.0 and torch.equal(mixed, images)
     assert torch.equal(soft, F.one_hot(targets, 2).float())
     assert torch.equal(gen.get_state(), state)

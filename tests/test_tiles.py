@@ -266,7 +266,7 @@ def test_tile_items_are_the_resized_crops_with_the_augmentation_on_the_crop(tmp_
     train = cached.tile_dataset("train", 16, train=True)
     assert EXCLUDED not in train.labels.tolist()
     assert len(train) == len(cached.tile_split("train", include_excluded=False))
-    chw = torch.from_numpy(np.array(train._pixels(3, 0))).permute(2, 0, 1)
+    chw = torch.from_numpy(np.array(train._pixels(3, 0, 16))).permute(2, 0, 1)
     assert torch.equal(train[(3, 777)][0], augment(chw, AugmentConfig(), torch.Generator().manual_seed(777)))
     with pytest.raises(ValueError, match="never trained on"):
         cached.tile_dataset("train", 16, train=True, include_excluded=True)

@@ -23,8 +23,9 @@ from core.errors import UserError
 __all__ = ["Batch", "StepFn", "Precision", "pick_device", "precision_for", "train_one_epoch", "evaluate",
            "EvalOutput", "NonFiniteLoss"]
 
-#: (images in [0, 1], labels, dataset indices, view seeds), as the loaders yield them.
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: (images in [0, 1], labels (-1: unlabeled), dataset indices, view seeds), as the loaders yield
+#: them; a distillation loader adds a fifth element, the teacher's own view of the same images.
+Batch = tuple[torch.Tensor, ...]
 #: ``step(model, batch) -> {"loss": total, ...named terms}``; ``model`` is the module being trained
 #: (wrapped in DistributedDataParallel under torchrun), so the step must call it, not a copy.
 StepFn = Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
@@ -73,11 +74,12 @@ def precision_for(device: torch.device, amp: bool) -> Precision:
 
 
 def _to(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
-    images, labels, index, views = batch
+    images, labels, index, views, *extra = batch
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True), index, views
+    extra = [x.to(device, non_blocking=True) for x in extra]  # the teacher's view: the teacher's own layout
+    return (images, labels.to(device, non_blocking=True), index, views, *extra)
 
 
 def train_one_epoch(
@@ -177,7 +179,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, precision: Preci
     logits, labels, index = [], [], []
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, dynamic_ncols=True, disable=None)
     for batch in bar:
-        images, y, idx, _ = _to(batch, device, channels_last)
+        images, y, idx, *_ = _to(batch, device, channels_last)
         with precision.autocast(device):
             out = model(images)
         logits.append(out.float().cpu())

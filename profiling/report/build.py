@@ -193,6 +193,8 @@ def _model_rows(files: RunFiles, notes: list[str]) -> dict[str, dict[str, Any]]:
                       **_quality(m, files.eval.bootstrap, files.eval.ci, notes)}
         if m.quantised_from:
             rows[name]["quantised_from"] = m.quantised_from
+        if m.learned_from:
+            rows[name]["learned_from"] = m.learned_from
     _vs_teacher(files.models, rows, notes)
     return rows
 

@@ -114,13 +114,14 @@ def _latency_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
 def _models_section(report: dict[str, Any]) -> str:
     rows, deployed = report["models"], (report.get("deployed") or {}).get("model")
     columns = _latency_columns(rows)
-    header = ["model", "arch", "params", "MACs", *[f"{k} (ms)" for k in columns], "size (MB)",
+    header = ["model", "arch", "learned from", "params", "MACs", *[f"{k} (ms)" for k in columns], "size (MB)",
               "AUROC [95% CI]", "F1 [95% CI]", "recall", "threshold"]
     body = []
     for name, r in rows.items():
         lat = [_ms((r["latency_ms"].get(k) or {}).get("median")) for k in columns]
         body.append([f"**{name}** (deployed)" if name == deployed else name, f"{r['arch']} @{r['img_size']}px",
-                     _m(r.get("params")), _m(r.get("macs")), *lat, _f(r.get("size_mb"), 2),
+                     _learned(r.get("learned_from")), _m(r.get("params")), _m(r.get("macs")), *lat,
+                     _f(r.get("size_mb"), 2),
                      _with_ci(r["test"], "auroc"), _with_ci(r["test"], "f1"), _f(r["test"].get("recall")),
                      f"{r['threshold']:.4g}"])
     text = "## Models (test split)\n\n" + _table(header, body)
@@ -196,6 +197,13 @@ def _thresholds_section(report: dict[str, Any]) -> str:
     return text
 
 
+def _learned(seen: dict[str, int] | None) -> str:
+    """Training images a model learned from: labeled, and unlabeled (taught by the teacher)."""
+    if not seen:
+        return "—"
+    return f"{seen['labeled']} labeled" + (f" + {seen['unlabeled']} unlabeled" if seen.get("unlabeled") else "")
+
+
 def _splits_section(report: dict[str, Any]) -> str:
     body = []
     for name, r in report["models"].items():
@@ -223,9 +231,15 @@ def _data_section(report: dict[str, Any]) -> str:
     where = f" ({data['root']})" if data.get("root") else ""
     skipped = data.get("skipped", 0)
     reasons = ", ".join(f"{k}: {v}" for k, v in (data.get("skipped_by_reason") or {}).items())
+    unlabeled = data.get("unlabeled")
+    pool = (f"\n\nUnlabeled: {unlabeled['images']} images, no model learned a label from them: a pool of "
+            f"{unlabeled['pool']}" + (f", and {unlabeled['held_back_from_train']} training images whose labels "
+                                       f"data.label_fraction {unlabeled['label_fraction']} held back"
+                                       if unlabeled["held_back_from_train"] else "")
+            + ". A distilled student learns from the teacher's outputs on them." if unlabeled else "")
     return (f"## Data\n\nSource: {data.get('source')}{where}; {data.get('split_method')}; "
             f"{data.get('total')} images used, {skipped} skipped{f' ({reasons}; listed in data/skipped.csv)' if skipped else ''}."
-            f"\n\n{_table(['split', 'normal', 'defect'], body)}\n\n**Leakage:** {leak['statement']}")
+            f"\n\n{_table(['split', 'normal', 'defect'], body)}{pool}\n\n**Leakage:** {leak['statement']}")
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ class ModelRun:
     splits: dict[str, SplitScores]
     stored_test: dict[str, Any] | None  # the test metrics saved at training time, to cross-check
     quantised_from: str | None = None  # int8: the fp32 model it was made from
+    learned_from: dict[str, int] | None = None  # labeled and unlabeled training images (meta.json)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def _model_run(run: RunDir, name: str, eval_cfg: EvalConfig) -> ModelRun:
         rule=meta.get("threshold_rule") or eval_cfg.threshold,
         splits=read_predictions(run.predictions(name)),
         stored_test=(meta.get("metrics") or {}).get("test"),
+        learned_from=meta.get("learned_from"),
     )
 
 
@@ -92,6 +94,7 @@ def _int8_run(run: RunDir, verify: dict[str, Any], models: dict[str, ModelRun]) 
         splits=read_predictions(run.int8_predictions(int8["from"])),
         stored_test=int8.get("test"),
         quantised_from=int8["from"],
+        learned_from=source.learned_from,
     )
 
 
