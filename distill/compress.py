@@ -5,7 +5,9 @@ cost target solved on the current weights) and is followed by distillation from 
 ``prune.finetune_epochs`` after the early rounds and ``prune.epochs`` after the last. Every round
 lives in ``student_pruned/round<k>/`` with the structure so far (``structure.json``), the weights
 right after pruning (``start.safetensors``) and its own resumable training state, so a kill in
-any round resumes there.
+any round resumes there. A ``{latency_ms: X}`` target is first searched by measurement
+(``student/latency_target.py``; saved in ``latency_curve.json`` before any training, reused on resume)
+on ``constraints.runtime`` at ``constraints.batch`` with ``profile.threads``, passed in explicitly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from distill.stages import (PREDICTIONS, Context, predictions_csv, skip_if_finis
 from profiling.quality import binary_metrics
 from profiling.thresholds import choose_threshold
 from student.export import export_onnx, onnx_logits, onnx_session, quantize_int8, update_metadata, verify_onnx
+from student.latency_target import LatencySettings, SubprocessTimer, final_check, stage_latency_search
 from student.prune import StudentPruner
 from training.distributed import barrier
 from training.engine import EvalOutput
@@ -43,13 +46,26 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
     stage_dir = ctx.run_dir / "student_pruned"
     stage_cfg = {"prune": to_dict(cfg.prune), "distill": to_dict(cfg.distill), "data": to_dict(cfg.data),
                  "seed": cfg.run.seed, "student": load_meta(ctx.run_dir / "student")["config_hash"]}
+    target_ms = cfg.prune.target.get("latency_ms")
+    if target_ms is not None:  # where it is measured is part of what the stage made
+        latency = LatencySettings.from_config(cfg.constraints, cfg.profile)
+        stage_cfg["latency"] = dataclasses.asdict(latency)
     done = skip_if_finished(ctx, stage_dir, "prune", stage_cfg)
     if done is not None:
         return done
     model = copy.deepcopy(student).cpu().train()
     example = torch.zeros(1, 3, model.img_size, model.img_size)
     train, val, trainee_of, step, _ = student_run_parts(ctx, model, teacher, stage_dir, cfg.prune)
-    pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train))
+    search = timer = None
+    if target_ms is not None:
+        timer = SubprocessTimer(latency, log=ctx.log)
+        search = stage_latency_search(stage_dir, model.net, example, cfg.prune, timer, config=stage_cfg,
+                                      loss_fn=_taylor_loss(model, train), log=ctx.log, main=ctx.dist.is_main,
+                                      sync=lambda: barrier(ctx.dist))
+        ctx.log(f"[prune] {target_ms} ms on {latency.runtime}: channel ratio {search.chosen.ratio:.3f} measured "
+                f"{search.chosen.ms:.3f} ms at {search.chosen.macs / 1e6:.2f} M MACs ({len(search.points)} measured)")
+    pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train),
+                           macs_goal=search.chosen.macs if search else None, latency=search.to_json() if search else None)
     ctx.log(f"[prune] {model.arch}: target {cfg.prune.target} of {pruner.macs0 / 1e6:.1f} M MACs, "
             f"{pruner.params0 / 1e6:.2f} M params, in {cfg.prune.steps} round(s), {cfg.prune.importance} importance")
     barrier(ctx.dist)  # every rank sees the same saved rounds
@@ -64,6 +80,10 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
             continue  # finished before an interruption; its weights live on in the later rounds
         if k > len(pruner.rounds):
             pruner.step()  # deterministic: every rank prunes the same channels of the same weights
+            if timer is not None and k == cfg.prune.steps and ctx.dist.is_main:
+                pruner.latency = {**pruner.latency, "final": final_check(model.net, example, timer, target_ms)}
+                ctx.log(f"[prune] the pruned student measured {pruner.latency['final']['ms']:.3f} ms "
+                        f"(target {target_ms} ms)")
             if ctx.dist.is_main:
                 state = {n: t.contiguous() for n, t in model.net.state_dict().items()}
                 atomic_write(round_dir / "start.safetensors", lambda p: save_file(state, str(p)))
