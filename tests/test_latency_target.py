@@ -192,3 +192,65 @@ def test_the_real_timer_times_a_pruned_copy_in_a_fresh_process() -> None:
     timer = SubprocessTimer(LatencySettings(threads=1, warmup=1, runs=5, allow_busy=True))
     ms = timer(twin, SIZE)
     assert ms > 0 and timer.describe()["device"].startswith("cpu")
+
+
+def test_the_curve_plot_is_written_from_the_saved_record(tmp_path) -> None:
+    from profiling.latency_curve_plot import plot_latency_curve
+
+    points = [{"ratio": r, "ms": 4.0 - 5 * r, "macs": int(2e8 * (1 - r) ** 2), "params": 1000, "meets": 4.0 - 5 * r <= 2.0}
+              for r in (0.0, 0.2, 0.4, 0.3, 0.35, 0.375)]
+    chosen = next(p for p in points if p["ratio"] == 0.4)
+    record = {"target_ms": 2.0, "points": points, "chosen": chosen, "final": {"ms": 1.9, "macs": chosen["macs"]},
+              "measured": {"runtime": "onnx", "batch": 1, "threads": 2, "device": "cpu (test)"}}
+    path = plot_latency_curve(json.loads(json.dumps(record)), tmp_path / "plots" / "latency_curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one"):
+        plot_latency_curve({**record, "points": []}, tmp_path / "empty.png")
+
+
+@pytest.mark.slow
+def test_the_prune_stage_measures_once_and_a_resumed_run_does_not_measure_again(tmp_path, monkeypatch) -> None:
+    """The pipeline's prune stage with a latency target (fake timer), killed right after pruning
+    (Ctrl-C), then rerun: the search and the finished model's check are read back, not measured."""
+    import distill.compress
+    import distill.run
+    from test_faults import write_config
+
+    calls: list[int] = []
+
+    class FakeTimer:
+        def __init__(self, settings: LatencySettings, **_: object) -> None:
+            self.settings = settings
+
+        def describe(self) -> dict:
+            return {"runtime": self.settings.runtime, "batch": self.settings.batch, "threads": self.settings.threads}
+
+        def __call__(self, net: torch.nn.Module, img_size: int) -> float:
+            calls.append(img_size)
+            return fake_ms(net, img_size)
+
+    monkeypatch.setattr(distill.compress, "SubprocessTimer", FakeTimer)
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "runs", threads=None, num_train=16)
+    # An override would merge into the file's {macs: 0.6}; the target is replaced in the file instead.
+    cfg.write_text(cfg.read_text().replace("target: {macs: 0.6}", "target: {latency_ms: 10.0}"))
+    args = [str(cfg), "--stages", "data,teacher,student,prune", "profile.threads=1"]
+    real_say = distill.run._say
+
+    def say(text: str) -> None:
+        real_say(text)
+        if text.startswith("[prune] round 1/1"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.run, "_say", say)
+    assert distill.run.main(args) == 130
+    stage = tmp_path / "runs" / "tiny" / "student_pruned"
+    measured = len(calls)
+    curve = json.loads((stage / CURVE_FILE).read_text())
+    assert measured == len(curve["points"]) + 1  # the search, then the finished model's check
+    assert curve["config"]["latency"]["threads"] == 1 and curve["chosen"]["ms"] <= 10.0
+    monkeypatch.setattr(distill.run, "_say", real_say)
+    assert distill.run.main(args) == 0
+    assert len(calls) == measured
+    pruning = json.loads((stage / "meta.json").read_text())["pruning"]
+    assert pruning["target"] == {"latency_ms": 10.0} and pruning["latency"]["chosen"] == curve["chosen"]
+    assert pruning["latency"]["final"]["meets"] and pruning["rounds"][-1]["macs_after"] <= curve["chosen"]["macs"]
