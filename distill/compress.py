@@ -65,7 +65,8 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
         ctx.log(f"[prune] {target_ms} ms on {latency.runtime}: channel ratio {search.chosen.ratio:.3f} measured "
                 f"{search.chosen.ms:.3f} ms at {search.chosen.macs / 1e6:.2f} M MACs ({len(search.points)} measured)")
     pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train),
-                           macs_goal=search.chosen.macs if search else None, latency=search.to_json() if search else None)
+                           macs_goal=search.chosen.macs if search else None,
+                           latency=search.to_json() if search else None)
     ctx.log(f"[prune] {model.arch}: target {cfg.prune.target} of {pruner.macs0 / 1e6:.1f} M MACs, "
             f"{pruner.params0 / 1e6:.2f} M params, in {cfg.prune.steps} round(s), {cfg.prune.importance} importance")
     barrier(ctx.dist)  # every rank sees the same saved rounds

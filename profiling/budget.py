@@ -44,6 +44,7 @@ STUDENTS = ("mobilenetv3_small_100", "mobilenetv3_large_100", "efficientnet_lite
 IMG_SIZES = (224, 160, 128)
 RATIOS = (0.0, 0.3, 0.5)
 MIN_IMG_SIZE = 16
+MAX_OTHER_LOAD = 0.25  # cores; the busy-CPU guard's default limit
 
 
 def _check_student(name: str) -> None:
@@ -88,15 +89,17 @@ def budget_rows(students: list[str], img_sizes: list[int], ratios: list[float], 
                 twin = copy.deepcopy(net) if ratio == 0 else pruned_copy(net, example, ratio, **options)[0]
                 macs, params = cost(twin, example)
                 ms = float(timer(twin.eval(), size))
+                stats = getattr(timer, "last", None)  # the real timer's full figure
                 rows.append({"student": student, "img_size": size, "ratio": ratio, "ms": ms, "macs": macs,
-                             "params": params})
+                             "params": params, "p90_ms": getattr(stats, "p90_ms", None),
+                             "other_cpu_load": getattr(stats, "other_cpu_load", None)})
                 log(f"{student} @{size} px, ratio {ratio:g}: {ms:.3f} ms, {macs / 1e6:.1f} M MACs")
     return rows
 
 
 def _table(rows: list[dict[str, Any]], budget: float) -> list[str]:
-    lines = [f"  {'student':<28}{'px':>5}{'ratio':>7}{'median ms':>11}{'x budget':>10}{'MACs (M)':>10}"
-             f"{'params (M)':>12}"]
+    head = f"{'px':>5}{'ratio':>7}{'median ms':>11}{'x budget':>10}{'MACs (M)':>10}{'params (M)':>12}"
+    lines = [f"  {'student':<28}{head}"]
     for r in rows:
         lines.append(f"  {r['student']:<28}{r['img_size']:>5}{r['ratio']:>7.2f}{r['ms']:>11.3f}"
                      f"{r['ms'] / budget:>10.2f}{r['macs'] / 1e6:>10.2f}{r['params'] / 1e6:>12.3f}")
@@ -125,7 +128,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _budget(args: argparse.Namespace, timer: Timer | None) -> int:
     _validate(args)
     settings = LatencySettings(runtime=args.runtime, batch=args.batch, threads=args.threads or usable_cores(),
-                               warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy)
+                               warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy,
+                               max_other_load=MAX_OTHER_LOAD)
     if timer is None:
         timer = SubprocessTimer(settings, where="--runtime", busy_hint="--allow-busy",
                                 log=lambda line: print(line, file=sys.stderr))
@@ -145,6 +149,10 @@ def _budget(args: argparse.Namespace, timer: Timer | None) -> int:
     if slower:
         fastest = min(slower, key=lambda r: r["ms"])
         print(f"{len(slower)} more were slower (fastest of them {fastest['ms']:.3f} ms)")
+    loads = [r["other_cpu_load"] for r in rows if r["other_cpu_load"] is not None]
+    if loads and max(loads) > MAX_OTHER_LOAD:
+        print(f"warning: other processes used up to {max(loads):.2f} cores while timing (--allow-busy): "
+              "the figures are skewed; measure on a free machine before deciding")
     if args.json:
         out = {"budget_ms": budget, "settings": _describe(timer, settings), "machine": machine,
                "prune_options": prune_options(PruneConfig()), "near": args.near, "meets": meets, "near_misses": near,

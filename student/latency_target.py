@@ -51,6 +51,7 @@ from data.files import atomic_write_text
 from data.schema import changed_keys
 from profiling.config import ConstraintsConfig, ProfileConfig
 from profiling.fresh_latency import latency_in_fresh_process
+from profiling.latency import LatencyStats
 from profiling.machine import usable_cores
 from student.config import PruneConfig
 from student.prune import cost, prune_options, pruned_copy
@@ -111,6 +112,7 @@ class SubprocessTimer:
         self.settings, self.where, self.busy_hint, self.log = settings, where, busy_hint, log
         self.busy_retries, self.busy_wait_s = busy_retries, busy_wait_s
         self.device: str | None = None  # "cpu (<model>)", from the first figure
+        self.last: LatencyStats | None = None  # the last figure in full (p90, the other processes' load)
         self._send_net = False
 
     def describe(self) -> dict[str, Any]:
@@ -132,7 +134,7 @@ class SubprocessTimer:
                     warmup=s.warmup, runs=s.runs, onnx_path=onnx if self._send_net else None, onnx_int8_path=int8,
                     allow_busy=s.allow_busy, max_other_load=s.max_other_load)
                 if stats.median_ms is not None:
-                    self.device = stats.device
+                    self.device, self.last = stats.device, stats
                     return stats.median_ms
                 reason = stats.skipped or "no figure"
                 if not reason.startswith("CPU busy"):
@@ -152,13 +154,16 @@ class SubprocessTimer:
 
 @dataclass(frozen=True)
 class LatencyPoint:
-    """One measured candidate: channel ratio, median ms, and its cost (report's MACs, params)."""
+    """One measured candidate: channel ratio, median ms, and its cost (report's MACs, params); with
+    the real timer also the p90 and the cores other processes kept busy while it was timed."""
 
     ratio: float
     ms: float
     macs: int
     params: int
     meets: bool
+    p90_ms: float | None = None
+    other_cpu_load: float | None = None
 
 
 @dataclass
@@ -223,10 +228,13 @@ def search_latency_ratio(net: nn.Module, example: Tensor, target_ms: float, time
         twin = copy.deepcopy(base) if ratio == 0 else pruned_copy(base, example, ratio, **options)[0]
         macs, params = cost(twin, example)
         ms = float(timer(twin.eval(), img_size))
-        point = points[ratio] = LatencyPoint(ratio, ms, macs, params, ms <= target_ms)
+        stats = getattr(timer, "last", None)
+        point = points[ratio] = LatencyPoint(ratio, ms, macs, params, ms <= target_ms,
+                                             getattr(stats, "p90_ms", None), getattr(stats, "other_cpu_load", None))
         if log:
+            busy = "" if point.other_cpu_load is None else f"; other processes used {point.other_cpu_load:.2f} cores"
             log(f"[latency] channel ratio {ratio:.3f}: {ms:.3f} ms ({'meets' if point.meets else 'misses'} "
-                f"{target_ms} ms), {macs / 1e6:.2f} M MACs, {params / 1e6:.3f} M params")
+                f"{target_ms} ms), {macs / 1e6:.2f} M MACs, {params / 1e6:.3f} M params{busy}")
         return point
 
     lo, hi = None, None
@@ -261,7 +269,9 @@ def final_check(net: nn.Module, example: Tensor, timer: Timer, target_ms: float)
     twin = copy.deepcopy(net).eval()
     macs, params = cost(twin, example)
     ms = float(timer(twin, int(example.shape[-1])))
-    return {"ms": ms, "macs": macs, "params": params, "meets": ms <= target_ms}
+    stats = getattr(timer, "last", None)
+    return {"ms": ms, "macs": macs, "params": params, "meets": ms <= target_ms,
+            "p90_ms": getattr(stats, "p90_ms", None), "other_cpu_load": getattr(stats, "other_cpu_load", None)}
 
 
 def stage_latency_search(stage_dir: Path, net: nn.Module, example: Tensor, cfg: PruneConfig, timer: Timer, *,

@@ -10,9 +10,10 @@ that meets a target is found by trying it on deep copies of the network.
 
 Iterative pruning: round k of ``steps`` aims at ``1 - k/steps * (1 - target)`` of the unpruned
 cost, and its channel ratio (relative to the channels left at that round) is solved for on the
-current weights; a round whose goal is already met prunes nothing (ratio 0). Torch-Pruning's own ``iterative_steps`` fixes every round's ratio up front, which
-cannot promise the final cost once fine-tuning between rounds changes the importance ranking
-(global pruning, Taylor); solving each round on the current weights can.
+current weights; a round whose goal is already met prunes nothing (ratio 0). Torch-Pruning's own
+``iterative_steps`` fixes every round's ratio up front, which cannot promise the final cost once
+fine-tuning between rounds changes the importance ranking (global pruning, Taylor); solving each
+round on the current weights can.
 
 A latency target (``{"latency_ms": 2.0}``) is met by measurement, not by counting:
 :mod:`student.latency_target` times pruned copies on the deployment runtime, and hands the MACs of
@@ -50,7 +51,8 @@ from profiling.cost import count_macs, count_params
 from training.modeling import eval_mode
 from student.config import PruneConfig
 
-__all__ = ["IMPORTANCES", "StudentPruner", "cost", "feature_dim", "prune_channels", "prune_options", "pruned_copy", "rebuild_pruned"]
+__all__ = ["IMPORTANCES", "StudentPruner", "cost", "feature_dim", "prune_channels", "prune_options", "pruned_copy",
+           "rebuild_pruned"]
 
 #: Channel importance criteria, by ``prune.importance`` name. Taylor needs gradients in ``.grad``.
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {

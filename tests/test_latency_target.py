@@ -91,7 +91,8 @@ def test_a_target_the_unpruned_student_meets_prunes_nothing() -> None:
     cfg = PruneConfig(target={"latency_ms": 1e3})
     pruner = StudentPruner(net, _example(), cfg, macs_goal=search.chosen.macs, latency=search.to_json())
     record = pruner.step()
-    assert record["ratio"] == 0.0 and record["macs_after"] == record["macs_before"] and pruner.structure()["history"] == []
+    assert record["ratio"] == 0.0 and record["macs_after"] == record["macs_before"]
+    assert pruner.structure()["history"] == []
     assert pruner.structure()["target"] == {"latency_ms": 1e3} and pruner.structure()["latency"]["chosen"]["ratio"] == 0
 
 
@@ -197,8 +198,8 @@ def test_the_real_timer_times_a_pruned_copy_in_a_fresh_process() -> None:
 def test_the_curve_plot_is_written_from_the_saved_record(tmp_path) -> None:
     from profiling.latency_curve_plot import plot_latency_curve
 
-    points = [{"ratio": r, "ms": 4.0 - 5 * r, "macs": int(2e8 * (1 - r) ** 2), "params": 1000, "meets": 4.0 - 5 * r <= 2.0}
-              for r in (0.0, 0.2, 0.4, 0.3, 0.35, 0.375)]
+    points = [{"ratio": r, "ms": 4.0 - 5 * r, "macs": int(2e8 * (1 - r) ** 2), "params": 1000,
+               "meets": 4.0 - 5 * r <= 2.0} for r in (0.0, 0.2, 0.4, 0.3, 0.35, 0.375)]
     chosen = next(p for p in points if p["ratio"] == 0.4)
     record = {"target_ms": 2.0, "points": points, "chosen": chosen, "final": {"ms": 1.9, "macs": chosen["macs"]},
               "measured": {"runtime": "onnx", "batch": 1, "threads": 2, "device": "cpu (test)"}}
@@ -212,9 +213,10 @@ def test_the_curve_plot_is_written_from_the_saved_record(tmp_path) -> None:
 def test_the_prune_stage_measures_once_and_a_resumed_run_does_not_measure_again(tmp_path, monkeypatch) -> None:
     """The pipeline's prune stage with a latency target (fake timer), killed right after pruning
     (Ctrl-C), then rerun: the search and the finished model's check are read back, not measured."""
+    from test_faults import write_config
+
     import distill.compress
     import distill.run
-    from test_faults import write_config
 
     calls: list[int] = []
 
