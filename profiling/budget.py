@@ -2,7 +2,8 @@
 
     python -m profiling.budget --latency-ms 2.0 [--runtime onnx] [--img-size 224 160 128]
         [--students mobilenetv3_small_100 mobilenetv3_large_100 efficientnet_lite0] [--ratios 0 0.3 0.5]
-        [--threads N] [--batch 1] [--warmup 10] [--runs 30] [--near 0.25] [--allow-busy] [--json out.json]
+        [--threads N] [--batch 1] [--warmup 10] [--runs 30] [--near 0.25] [--patience 30] [--allow-busy]
+        [--json out.json]
 
 Every combination of timm student x input size x channel ratio is built with random weights
 (latency does not depend on them), pruned at that ratio as the prune stage prunes with ``prune:``'s
@@ -23,6 +24,7 @@ import argparse
 import copy
 import difflib
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +47,7 @@ IMG_SIZES = (224, 160, 128)
 RATIOS = (0.0, 0.3, 0.5)
 MIN_IMG_SIZE = 16
 MAX_OTHER_LOAD = 0.25  # cores; the busy-CPU guard's default limit
+BUSY_WAIT_S = 10.0  # between tries while other processes load the CPU
 
 
 def _check_student(name: str) -> None:
@@ -71,8 +74,8 @@ def _validate(args: argparse.Namespace) -> None:
     for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--runs", args.runs)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.warmup < 0 or args.near < 0:
-        raise UserError("--warmup and --near must be >= 0")
+    if args.warmup < 0 or args.near < 0 or args.patience < 0:
+        raise UserError(f"--warmup, --near and --patience must be >= 0, got {args.warmup}, {args.near}, {args.patience}")
     for name in args.students:
         _check_student(name)
 
@@ -119,6 +122,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--near", type=float, default=0.25, help="near miss: at most this fraction over the budget")
+    p.add_argument("--patience", type=float, default=30.0,
+                   help="seconds to wait, per figure, for other processes to leave the CPU (default 30)")
     p.add_argument("--allow-busy", action="store_true", help="time even while other processes load the CPU")
     p.add_argument("--json", type=Path, help="also write every row to this JSON file")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -131,7 +136,8 @@ def _budget(args: argparse.Namespace, timer: Timer | None) -> int:
                                warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy,
                                max_other_load=MAX_OTHER_LOAD)
     if timer is None:
-        timer = SubprocessTimer(settings, where="--runtime", busy_hint="--allow-busy",
+        timer = SubprocessTimer(settings, where="--runtime", busy_hint="--allow-busy or more --patience",
+                                busy_retries=math.ceil(args.patience / BUSY_WAIT_S), busy_wait_s=BUSY_WAIT_S,
                                 log=lambda line: print(line, file=sys.stderr))
     rows = budget_rows(args.students, args.img_size, args.ratios, timer,
                        log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -52,7 +52,7 @@ from data.schema import changed_keys
 from profiling.config import ConstraintsConfig, ProfileConfig
 from profiling.fresh_latency import latency_in_fresh_process
 from profiling.latency import LatencyStats
-from profiling.machine import usable_cores
+from profiling.machine import other_cpu_load, usable_cores
 from student.config import PruneConfig
 from student.prune import cost, prune_options, pruned_copy
 
@@ -129,20 +129,22 @@ class SubprocessTimer:
                 if s.runtime == "onnx_int8" else None
             busy = 0
             while True:
-                stats = latency_in_fresh_process(
-                    net if self._send_net else onnx, img_size, s.runtime, batch=s.batch, threads=s.threads,
-                    warmup=s.warmup, runs=s.runs, onnx_path=onnx if self._send_net else None, onnx_int8_path=int8,
-                    allow_busy=s.allow_busy, max_other_load=s.max_other_load)
-                if stats.median_ms is not None:
-                    self.device, self.last = stats.device, stats
-                    return stats.median_ms
-                reason = stats.skipped or "no figure"
-                if not reason.startswith("CPU busy"):
-                    if not self._send_net:  # the runtime needs the network, not the file: once more with it
-                        self._send_net = True
-                        continue
-                    raise UserError(f"{self.where}: '{s.runtime}' cannot be timed here ({reason}); "
-                                    "choose a runtime that runs on this machine, e.g. onnx")
+                reason = self._busy_now()  # checked here first: a child costs seconds of CPU to start
+                if reason is None:
+                    stats = latency_in_fresh_process(
+                        net if self._send_net else onnx, img_size, s.runtime, batch=s.batch, threads=s.threads,
+                        warmup=s.warmup, runs=s.runs, onnx_path=onnx if self._send_net else None,
+                        onnx_int8_path=int8, allow_busy=s.allow_busy, max_other_load=s.max_other_load)
+                    if stats.median_ms is not None:
+                        self.device, self.last = stats.device, stats
+                        return stats.median_ms
+                    reason = stats.skipped or "no figure"
+                    if not reason.startswith("CPU busy"):
+                        if not self._send_net:  # the runtime needs the network, not the file: once more with it
+                            self._send_net = True
+                            continue
+                        raise UserError(f"{self.where}: '{s.runtime}' cannot be timed here ({reason}); "
+                                        "choose a runtime that runs on this machine, e.g. onnx")
                 busy += 1
                 if busy > self.busy_retries:
                     raise UserError(f"no latency figure: {reason} ({busy} tries); free the machine, or measure "
@@ -150,6 +152,14 @@ class SubprocessTimer:
                 if self.log:
                     self.log(f"[latency] {reason}; waiting {self.busy_wait_s:.0f} s")
                 time.sleep(self.busy_wait_s)
+
+    def _busy_now(self) -> str | None:
+        """Why not to start timing now (other processes load the CPU), or None."""
+        s = self.settings
+        load = None if s.allow_busy else other_cpu_load()
+        if load is None or load <= s.max_other_load:
+            return None
+        return f"CPU busy before timing: other processes used {load:.2f} cores (limit {s.max_other_load})"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ def test_lists_what_meets_the_budget_biggest_first_then_near_misses(tmp_path, ca
     (["--latency-ms", "0"], "--latency-ms must be > 0"),
     (["--latency-ms", "-1.5"], "--latency-ms must be > 0"),
     (["--latency-ms", "2", "--runtime", "onxx"], "--runtime: unknown 'onxx'; choose one of"),
+    (["--latency-ms", "2", "--patience", "-1"], "--patience must be >= 0"),
 ])
 def test_bad_input_exits_2_with_one_message(args, message, capsys) -> None:
     def timer(net: torch.nn.Module, img_size: int) -> float:
