@@ -215,6 +215,8 @@ class StudentPruner:
                 raise ValueError("a latency_ms target needs macs_goal: the MACs of the copy measured to meet it "
                                  "(student.latency_target.search_latency_ratio)")
             self.metric, self.kept = "macs", macs_goal / self.macs0
+        elif macs_goal is not None:
+            raise ValueError(f"macs_goal is for a latency_ms target; prune.target is {cfg.target}")
         #: The last round's goal: exactly ``macs_goal`` for a latency target (no float rounding).
         self.final_goal = float(macs_goal) if macs_goal is not None else self._base() * self.kept
         self.latency = latency
