@@ -153,6 +153,8 @@ def test_a_latency_target_needs_the_measured_goal_and_a_positive_value() -> None
         PruneConfig(target={"ms": 2.0})
     with pytest.raises(ValueError, match="macs_goal"):
         StudentPruner(_net(), _example(), PruneConfig(target={"latency_ms": 2.0}))
+    with pytest.raises(ValueError, match="for a latency_ms target"):
+        StudentPruner(_net(), _example(), PruneConfig(target={"macs": 0.5}), macs_goal=1000)
 
 
 def test_the_stage_search_is_saved_before_training_and_reused_on_resume(tmp_path) -> None:
