@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 __all__ = ["plot_latency_curve"]
 
 _DPI = 110
+_BUSY = 0.25  # cores of other processes above which profiling.latency withholds a figure
 
 
 def _subtitle(measured: Mapping[str, Any] | None) -> str:
@@ -58,6 +59,10 @@ def plot_latency_curve(curve: Mapping[str, Any], path: str | os.PathLike[str], *
     macs_axis.set_ylabel("MACs per image (M, BatchNorm folded)", color="grey")
     macs_axis.set_ylim(bottom=0)
     macs_axis.tick_params(axis="y", colors="grey")
+    loads = [p["other_cpu_load"] for p in points if p.get("other_cpu_load") is not None]
+    if loads and max(loads) > _BUSY:
+        ax.text(0.02, 0.02, f"timed while other processes used up to {max(loads):.2f} cores: skewed",
+                transform=ax.transAxes, fontsize=8, color="tab:red")
     ax.legend(loc="upper right", fontsize=8)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
