@@ -125,7 +125,7 @@ def run_cell(args: argparse.Namespace, root: Path, seed: int, fraction: float, l
     for name in sorted(needed):
         tdir = cell / f"teacher_{name}"
         _link(cell / "data_run" / "data", tdir / "data")
-        tcfg = load_config(CONFIG, [*base, *TEACHERS[name]])
+        tcfg = load_config(CONFIG, [*base, *TEACHERS[name], *(["teacher.epochs=1"] if args.quick else [])])
         seed_everything(seed)
         t0 = time.perf_counter()
         teachers[name] = (teacher_stage(Context(tcfg, tdir, data, device, log)), TEACHERS[name])

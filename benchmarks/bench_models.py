@@ -337,7 +337,7 @@ def pruning_table(models: list[Model]) -> str:
                      f"{first['macs_before'] / 1e6:.1f} → {last['macs_after'] / 1e6:.1f}",
                      f"{100 * last['macs_kept']:.1f}%",
                      f"{first['params_before'] / 1e6:.2f} → {last['params_after'] / 1e6:.2f}"])
-    return md_table(["model", "target", "rounds", "channel ratio per round", "MACs (M, torch-pruning's count)",
+    return md_table(["model", "target", "rounds", "channel ratio per round", "MACs (M, fvcore, BatchNorm folded)",
                      "MACs kept", "params (M)"], rows)
 
 

@@ -5,7 +5,9 @@ cost target solved on the current weights) and is followed by distillation from 
 ``prune.finetune_epochs`` after the early rounds and ``prune.epochs`` after the last. Every round
 lives in ``student_pruned/round<k>/`` with the structure so far (``structure.json``), the weights
 right after pruning (``start.safetensors``) and its own resumable training state, so a kill in
-any round resumes there.
+any round resumes there. A ``{latency_ms: X}`` target is first searched by measurement
+(``student/latency_target.py``; saved in ``latency_curve.json`` before any training, reused on resume)
+on ``constraints.runtime`` at ``constraints.batch`` with ``profile.threads``, passed in explicitly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from core.files import atomic_write, atomic_write_rows, atomic_write_text
 from distill.losses import cross_entropy
 from distill.stages import Context, begin, finish, learned_from, student_run_parts
+from student.latency_target import LatencySettings, SubprocessTimer, final_check, stage_latency_search
 from student.prune import StudentPruner
 from training.distributed import barrier
 from training.loop import fit
@@ -35,12 +38,24 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
     """Prune the distilled student in rounds, each recovered by distillation from the teacher."""
     cfg = ctx.cfg
     stage_dir, record, done = begin(ctx, "student_pruned")
+    target_ms = cfg.prune.target.get("latency_ms")
     if done is not None:
         return done
     model = copy.deepcopy(student).cpu().train()
     example = torch.zeros(1, 3, model.img_size, model.img_size)
     train, val, trainee_of, step, _ = student_run_parts(ctx, model, teacher, stage_dir, cfg.prune)
-    pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train))
+    search = timer = None
+    if target_ms is not None:
+        latency = LatencySettings.from_config(cfg.constraints, cfg.profile)
+        timer = SubprocessTimer(latency, log=ctx.log)
+        search = stage_latency_search(stage_dir, model.net, example, cfg.prune, timer, config=record["config"],
+                                      loss_fn=_taylor_loss(model, train), log=ctx.log, main=ctx.dist.is_main,
+                                      sync=lambda: barrier(ctx.dist))
+        ctx.log(f"[prune] {target_ms} ms on {latency.runtime}: channel ratio {search.chosen.ratio:.3f} measured "
+                f"{search.chosen.ms:.3f} ms at {search.chosen.macs / 1e6:.2f} M MACs ({len(search.points)} measured)")
+    pruner = StudentPruner(model.net, example, cfg.prune, loss_fn=_taylor_loss(model, train),
+                           macs_goal=search.chosen.macs if search else None,
+                           latency=search.to_json() if search else None)
     ctx.log(f"[prune] {model.arch}: target {cfg.prune.target} of {pruner.macs0 / 1e6:.1f} M MACs, "
             f"{pruner.params0 / 1e6:.2f} M params, in {cfg.prune.steps} round(s), {cfg.prune.importance} importance")
     barrier(ctx.dist)  # every rank sees the same saved rounds
@@ -55,6 +70,10 @@ def prune_stage(ctx: Context, teacher: Classifier, student: Classifier) -> Class
             continue  # finished before an interruption; its weights live on in the later rounds
         if k > len(pruner.rounds):
             pruner.step()  # deterministic: every rank prunes the same channels of the same weights
+            if timer is not None and k == cfg.prune.steps and ctx.dist.is_main:
+                pruner.latency = {**pruner.latency, "final": final_check(model.net, example, timer, target_ms)}
+                ctx.log(f"[prune] the pruned student measured {pruner.latency['final']['ms']:.3f} ms "
+                        f"(target {target_ms} ms)")
             if ctx.dist.is_main:
                 state = {n: t.contiguous() for n, t in model.net.state_dict().items()}
                 atomic_write(round_dir / "start.safetensors", lambda p: save_file(state, str(p)))

@@ -11,6 +11,8 @@ metrics at that threshold, ``model.safetensors`` + ``meta.json``, then the recor
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 import warnings
 from collections.abc import Callable
@@ -76,7 +78,12 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     if name == "student_baseline":
         return {"student": to_dict(cfg.student), "distill": None, **common}
     if name == "student_pruned":
-        return {"prune": to_dict(cfg.prune), "distill": to_dict(cfg.distill), **common}
+        out = {"prune": to_dict(cfg.prune), "distill": to_dict(cfg.distill), **common}
+        if "latency_ms" in cfg.prune.target:  # where the target is measured is part of what the stage made
+            from student.latency_target import LatencySettings
+
+            out["latency"] = dataclasses.asdict(LatencySettings.from_config(cfg.constraints, cfg.profile))
+        return out
     raise ValueError(f"no stage makes a model directory named {name!r}")
 
 
@@ -312,8 +319,11 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
     the student and prune stages (kept in ``student/teacher_cache.safetensors``, with a provenance
     record: the teacher's weights, the split, the views; any change computes it again)."""
     path = ctx.run.model("student") / "teacher_cache.safetensors"
+    dataset = train_loader.dataset
     record = provenance.make("teacher_cache", {"views": ctx.cfg.distill.cache_views, "seed": ctx.cfg.run.seed,
-                                               "size": train_loader.dataset.size},
+                                               "size": dataset.size, "teacher_size": dataset.teacher_size,
+                                               "images": hashlib.sha256("\n".join(
+                                                   s.path for s in dataset.samples).encode()).hexdigest()},
                              {"teacher": ctx.run.weights("teacher"), "manifest": ctx.run.manifest})
     if path.is_file():
         cache, saved = TeacherCache.load(path)

@@ -74,6 +74,19 @@ def test_half_the_macs_then_an_exact_safe_reload(arch, tmp_path):
     assert _same_outputs(net, _reload(arch, tmp_path)) == 0.0
 
 
+def test_a_mac_target_is_a_fraction_of_the_macs_the_report_counts(small_pruned):
+    """One counter: {macs: 0.5} keeps half of what profiling.cost (fvcore, BatchNorm folded) counts."""
+    from profiling.cost.counting import count_macs
+
+    net, pruner = small_pruned
+    unpruned = count_macs(_net(), _example()).macs_bn_folded
+    pruned = count_macs(net, _example()).macs_bn_folded
+    assert pruner.macs0 == unpruned and pruner.rounds[-1]["macs_after"] == pruned
+    # Met, and by the least pruning the solver's 0.005 ratio tolerance finds: MACs fall about
+    # 2 (1 - ratio) per unit of ratio, plus the steps of round_to.
+    assert 0.45 < pruned / unpruned <= 0.5
+
+
 def test_structure_is_plain_json_of_the_pruning_history(small_pruned):
     unpruned = StudentPruner(_net(), _example(), PruneConfig()).structure()
     assert unpruned["history"] == [] and unpruned["shapes"] == {}

@@ -43,6 +43,12 @@ class MacCount:
         """Floating-point operations, counting a multiply-add as two."""
         return 2 * self.macs
 
+    @property
+    def macs_bn_folded(self) -> int:
+        """MACs of the deployed model: BatchNorm folds into the convolution before it on export, so
+        fvcore's count for it is left out. The report's ``macs`` and the prune target both use this."""
+        return self.macs - self.by_operator.get("batch_norm", 0)
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared ones once; buffers such as BN running stats excluded)."""

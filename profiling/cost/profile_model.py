@@ -60,7 +60,7 @@ def _macs(net: nn.Module, img_size: int) -> dict[str, Any]:
     counted = count_macs(net, torch.zeros(1, 3, img_size, img_size, device=param.device if param is not None else None))
     batchnorm = counted.by_operator.get("batch_norm", 0)
     return {
-        "macs": counted.macs - batchnorm,
+        "macs": counted.macs_bn_folded,
         "macs_fvcore": counted.macs,
         "macs_batchnorm": batchnorm,
         "macs_by_operator": counted.by_operator,

@@ -16,6 +16,7 @@ import torch
 
 from data.config import DataConfig
 from core.errors import UserError
+from core.rundir import RunDir, read_json
 from data.loader import InspectionDataset
 from data.manifest import Sample
 from core.schema import build
@@ -105,6 +106,15 @@ def _pareto_points(report: dict[str, Any]) -> dict[str, tuple[float, float, tupl
     return points
 
 
+def _latency_curve(files: RunFiles) -> dict[str, Any] | None:
+    """The latency-target search of the pruned student (meta.json's ``pruning.latency``), if any."""
+    meta = RunDir(files.run_dir).meta("student_pruned")
+    if not meta.is_file():
+        return None
+    curve = (read_json(meta).get("pruning") or {}).get("latency")
+    return curve if curve and curve.get("points") else None
+
+
 def write_plots(files: RunFiles, report: dict[str, Any]) -> list[Path]:
     """Draw every figure into ``run_dir/plots/`` and return the paths written."""
     out = files.run_dir / "plots"
@@ -130,7 +140,13 @@ def write_plots(files: RunFiles, report: dict[str, Any]) -> list[Path]:
                  "and Grad-CAM for 'defect'")
         written.append(plots.error_grid(_worst(files, deployed, rows[deployed]["threshold"]), title,
                                         out / "errors.png"))
-    for stale in ("pareto.png", "errors.png"):  # from an earlier rendering that could still draw them
+    curve = _latency_curve(files)
+    if curve is not None:  # the pruned student was pruned to a latency target: the measured search
+        from profiling.report.latency_curve import plot_latency_curve
+
+        written.append(plot_latency_curve(curve, out / "latency_curve.png",
+                                          title="student_pruned: channel ratio searched by measured latency"))
+    for stale in ("pareto.png", "errors.png", "latency_curve.png"):  # from an earlier rendering that could still draw them
         if out / stale not in written:
             (out / stale).unlink(missing_ok=True)
     return written
