@@ -43,7 +43,8 @@ def net() -> torch.nn.Module:
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(images), pre_logits=True).double()
     a = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype)], 1)
-    solution = torch.linalg.solve(a.T @ a + 1e-8 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (labels * 8.0 - 4.0).double())
+    target = (labels * 8.0 - 4.0).double()
+    solution = torch.linalg.solve(a.T @ a + 1e-8 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ target)
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.zero_()
