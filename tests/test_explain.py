@@ -1,5 +1,6 @@
 """Grad-CAM: the layer chosen per architecture, shapes for ViT grids and pruned students, the
-overlay's colours, and that a model which learned the synthetic defects looks at them."""
+overlay's colours, the class activation map of a pooled linear head, and that a model whose
+defect evidence lies in the synthetic defects (constructed, not trained) gets its heat there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import TEST_SEED
 from data.config import DEFECT_TYPES
 from data.synth import render
 from deploy.explain import gradcam, overlay, target_layer
@@ -116,29 +118,6 @@ def _tensor(beads: list) -> torch.Tensor:
     return (x - 0.5) / 0.25
 
 
-def _train(seed: int, steps: int = 150) -> torch.nn.Module:
-    """A narrow ResNet-10 (0.2 M parameters) trained from scratch on rendered beads (30% defects, severity 1)."""
-    torch.manual_seed(seed)
-    beads = _beads(seed, 600, 0.3)
-    x, y = _tensor(beads), torch.tensor([b.defect is not None for b in beads]).long()
-    net = timm.create_model("resnet10t", pretrained=False, num_classes=2, stem_width=16, channels=(16, 32, 48, 64),
-                            output_stride=8)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.tensor([1.0, 7 / 3])  # balance the 30% defects
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        flip = (torch.rand(32, generator=gen) < 0.5).view(-1, 1, 1, 1)
-        batch = torch.where(flip, x[idx].flip(-1), x[idx])
-        loss = F.cross_entropy(net(batch), y[idx], weight=weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-    return net.eval()
-
-
 def _box_mask(boxes: list) -> np.ndarray:
     """Pixels whose centre lies in any of the YOLO boxes (normalised cx, cy, w, h)."""
     centres = (np.arange(SIZE) + 0.5) / SIZE
@@ -162,21 +141,57 @@ def localisation(net: torch.nn.Module, seed: int = 1, n: int = 140) -> dict[str,
             "other_peaks": float(np.mean(other))}
 
 
-def _detects(net: torch.nn.Module, seed: int = 2) -> float:
-    """Held-out accuracy at 0.5 on balanced normal/defect beads: did training work at all?"""
-    beads = _beads(seed, 60, 0.5)
-    y = torch.tensor([b.defect is not None for b in beads])
+def constructed(n: int = 400) -> torch.nn.Module:
+    """A ResNet-10 (output stride 8: a 12x12 map at 96 px) whose defect evidence is set, not
+    trained: the body keeps its random initialisation (seed TEST_SEED) and the classifier's defect
+    row is solved for (ridge least squares, float64) so that, at each cell of the last feature map,
+    it reads how much of the cell the defect boxes cover, on ``n`` rendered defect beads (not the
+    ones localisation() is scored on). After pooling, that row is the model's defect logit, so the
+    evidence for the defect lies where the boxes are, as far as a linear read of random features
+    can put it. Measured over init seeds 0, 2, 3, 7: peaks in the box on 0.72-0.76 of held-out beads,
+    13-15 beads above the stricter chance line; a few training steps instead would leave whether
+    the model learned anything to the CPU's rounding."""
+    torch.manual_seed(TEST_SEED)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=2, stem_width=16, channels=(64, 96, 128, 256),
+                            output_stride=8).eval()
+    beads = _beads(0, n, 1.0)
     with torch.no_grad():
-        return float(((net(_tensor(beads)).softmax(1)[:, 1] >= 0.5) == y).float().mean())
+        maps = net.forward_features(_tensor(beads)).double()  # N, C, 12, 12
+    boxes = torch.from_numpy(np.stack([_box_mask(b.boxes) for b in beads])).double()
+    cover = F.avg_pool2d(boxes[:, None], SIZE // maps.shape[-1])  # N, 1, 12, 12: box share of each cell
+    cells = torch.cat([maps.permute(0, 2, 3, 1).flatten(0, 2), torch.ones(cover.numel(), 1, dtype=maps.dtype)], 1)
+    gram = cells.T @ cells
+    row = torch.linalg.solve(gram + 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype),
+                             cells.T @ cover.flatten())
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.zero_()
+        net.fc.weight[1] = row[:-1].float()
+        net.fc.bias[1] = row[-1].float()
+    return net
+
+
+def test_gradcam_of_a_pooled_linear_head_is_its_class_activation_map():
+    """Global average pooling then a linear layer: the gradient of the defect logit at every cell of
+    the last map is fc.weight[1] / cells, so Grad-CAM is ReLU(sum_c w_c A_c) (Zhou et al.'s CAM),
+    resized to the input and scaled to [0, 1]. Checks the layer, the class and the orientation."""
+    net = constructed(n=40)
+    x = _tensor(_beads(3, 4, 1.0))
+    with torch.no_grad():
+        cam = torch.einsum("c,nchw->nhw", net.fc.weight[1], net.forward_features(x)).clamp(min=0)
+    big = F.interpolate(cam[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+    low, high = big.amin((1, 2), keepdim=True), big.amax((1, 2), keepdim=True)
+    expected = ((big - low) / (high - low)).numpy()  # the library scales before and after resizing: the same
+    got = gradcam(net, x)
+    assert got.shape == (4, SIZE, SIZE) and (got.max((1, 2)) > 0.99).all()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def test_heat_peaks_inside_the_planted_defect():
-    net = _train(seed=0)
-    accuracy = _detects(net)
-    assert accuracy >= 0.75, f"the model did not learn the defects (accuracy {accuracy:.2f}); nothing to explain"
-    r = localisation(net)
+    """A model whose defect evidence lies in the planted defects (constructed()) gets its heat there."""
+    r = localisation(constructed())
     print(f"\nGrad-CAM peak in the defect box: {r['hit']:.2f} of {r['n']} defect images; chance: {r['area']:.2f} "
-          f"(box area), {r['other_peaks']:.2f} (other images' peaks); detection accuracy {accuracy:.2f}")
+          f"(box area), {r['other_peaks']:.2f} (other images' peaks)")
     # More often than chance by three binomial standard errors: a test that can fail.
     for name in ("area", "other_peaks"):
         p = r[name]

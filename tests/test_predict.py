@@ -16,7 +16,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import write_image
+from conftest import TEST_SEED, write_image
 from core.errors import UserError
 from data.images import open_rgb, square
 from data.transforms import ModelView, to_float
@@ -48,27 +48,51 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run with a finished student (model directory) and its ONNX export, as the pipeline leaves them."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
+GOOD = ["good0.png", "good1.png", "good2.png", "good3.png", "sub/wide.jpg"]
+# The constructed model's defect logit on each good image (crop_pct 1.0), by mean brightness:
+# darkest -3 ... brightest +3.5. The threshold 0.8 is a logit of 1.39: the two brightest are defects.
+LOGITS_BY_BRIGHTNESS = [-3.0, -2.0, -1.0, 2.5, 3.5]
+
+
+def _view(path: Path, crop_pct: float = 1.0) -> torch.Tensor:
+    """What the model sees of an image file: as the data loader decodes, crops and squashes it, in [0, 1]."""
+    return to_float(torch.from_numpy(np.array(square(open_rgb(path), SIZE, crop_pct))).permute(2, 0, 1))
+
+
+def constructed_student(good: list[Path]) -> Classifier:
+    """A MobileNetV3 whose outputs on ``good`` are set, not trained: the body keeps its random
+    initialisation and the classifier is solved for (least squares, float64) so that the defect
+    logit of each image is LOGITS_BY_BRIGHTNESS by its rank in mean brightness, the normal logit 0.
+    A few training steps instead would leave which images pass the threshold to float rounding."""
+    torch.manual_seed(TEST_SEED)
     net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=2)
-    # A few steps of a task it can learn (bright = defect): a fresh net says ~0.5 for everything,
-    # this one spreads its probabilities, so an input mismatch between the two paths would show.
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        labels = torch.randint(0, 2, (16,), generator=gen)
-        x = torch.randn(16, 3, SIZE, SIZE, generator=gen) * 0.5 + (labels.float() - 0.5).view(-1, 1, 1, 1)
-        loss = torch.nn.functional.cross_entropy(net(x), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model = Classifier(net, ModelView(SIZE, MEAN, STD), "mobilenetv3_small_100")
+    model = Classifier(net, ModelView(SIZE, MEAN, STD), "mobilenetv3_small_100").eval()
+    x = torch.stack([_view(p) for p in good])
+    with torch.no_grad():
+        feats = net.forward_head(net.forward_features(model.view(x)), pre_logits=True).double()
+    rank = x.mean((1, 2, 3)).argsort().argsort()
+    target = torch.tensor(LOGITS_BY_BRIGHTNESS, dtype=torch.float64)[rank]
+    solution = torch.linalg.pinv(torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype)], 1)) @ target
+    with torch.no_grad():
+        net.classifier.weight.zero_()
+        net.classifier.bias.zero_()
+        net.classifier.weight[1] = solution[:-1].float()
+        net.classifier.bias[1] = solution[-1].float()
+        logits = model(x)
+    assert torch.allclose(logits[:, 1] - logits[:, 0], target.float(), atol=1e-3)  # the construction holds
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, images) -> Path:
+    """A run with a finished student (model directory) and its ONNX export, as the pipeline leaves them.
+    The student tells the good images apart by construction (see constructed_student), so an input
+    mismatch between the two paths would show, and which images are defects is known in advance."""
+    run = tmp_path_factory.mktemp("run")
+    model = constructed_student([images / name for name in GOOD])
     meta = {"threshold": THRESHOLD, "config": {"data": {"crop_pct": 1.0}}}
-    save_artifact(run / "student", model.eval(), meta)
-    export_onnx(net, run / "export" / "student.onnx", SIZE,
+    save_artifact(run / "student", model, meta)
+    export_onnx(model.net, run / "export" / "student.onnx", SIZE,
                 metadata={"model": "student", **model.describe(), "threshold": THRESHOLD})
     return run
 
@@ -96,9 +120,11 @@ def test_mixed_folder_from_model_dir_and_onnx_agree(run_dir, images, tmp_path, c
     assert np.abs(p_torch - p_onnx).max() < 1e-5
     assert p_torch.max() - p_torch.min() > 0.05  # the images really are told apart
     assert [a[n]["decision"] for n in good] == [b[n]["decision"] for n in good]
-    n_defect = int((p_onnx >= THRESHOLD).sum())
-    assert 0 < n_defect < len(good)
-    summary = f"8 images: {5 - n_defect} normal, {n_defect} defect, 3 error; 1 other file(s) in the folders skipped"
+    # The two brightest good images, and only they, are over the threshold (LOGITS_BY_BRIGHTNESS).
+    brightness = {Path(n).name: _view(images / n).mean().item() for n in GOOD}
+    brightest = sorted(brightness, key=brightness.get)[-2:]
+    assert [b[n]["decision"] for n in good] == ["defect" if n in brightest else "normal" for n in good]
+    summary = "8 images: 3 normal, 2 defect, 3 error; 1 other file(s) in the folders skipped"
     assert summary in torch_out and summary in onnx_out
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TEST_SEED
 from core import provenance
 from core.errors import UserError
 from data.loader import InspectionDataset, make_loader
@@ -42,7 +43,7 @@ def _data(n: int, seed: int, size: int = 16) -> InspectionDataset:
     return InspectionDataset(samples, size, pixels=pixels)
 
 
-def _model(seed: int = 0) -> Classifier:
+def _model(seed: int = TEST_SEED) -> Classifier:
     torch.manual_seed(seed)
     net = create_network("resnet10t", model_kwargs={"drop_path_rate": 0.1})
     return Classifier(net, ModelView(16, (0.5,) * 3, (0.25,) * 3), "resnet10t")
@@ -59,6 +60,10 @@ def _loaders(seed: int = 0):
 
 
 def test_one_epoch_lowers_the_loss(tmp_path: Path) -> None:
+    """An outcome of training, kept because its margin is far beyond float rounding: the loss
+    goes from 0.68-0.71 at init to 0.29-0.48 after the epoch (init seeds 0-3 and 7, one and two
+    threads), and rounding moves it in the fourth decimal. A loop that skipped the update, or
+    stepped uphill, would not get there."""
     model = _model()
     train, val = _loaders()
     before = evaluate(model, train, device=CPU).loss
