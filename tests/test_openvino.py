@@ -178,3 +178,24 @@ def test_without_the_package_a_user_error_names_the_extra(net, run_dir, photos, 
     finally:
         (run_dir / "report.json").unlink()
     assert "OpenVINO, which is not installed here" in capsys.readouterr().out
+
+
+@needs_openvino
+def test_the_export_stage_checks_openvino_and_saves_ir(tmp_path) -> None:
+    """A tiny run through export with export.openvino: verify.json records OpenVINO against PyTorch,
+    and the IR lies beside the ONNX file, carrying the model's threshold."""
+    import distill.run
+    from deploy.openvino_runtime import ir_metadata
+    from test_faults import write_config
+
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "runs", threads=None, num_train=32)
+    argv = [str(cfg), "--stages", "data,teacher,student,export", "teacher.epochs=1", "student.epochs=1",
+            "export.openvino=true", "export.models=[student]"]
+    assert distill.run.main(argv) == 0
+    export = tmp_path / "runs" / "tiny" / "export"
+    check = json.loads((export / "verify.json").read_text())["models"]["student"]
+    assert check["openvino"]["n"] == check["n"] > 0 and check["openvino"]["agreement"] == 1.0
+    assert check["openvino"]["max_abs_diff_prob"] < 1e-4 and check["openvino"]["ir"] == "student.xml"
+    assert (export / "student.bin").is_file()
+    meta = json.loads((tmp_path / "runs" / "tiny" / "student" / "meta.json").read_text())
+    assert ir_metadata(export / "student.xml")["threshold"] == meta["threshold"]
