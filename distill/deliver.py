@@ -28,7 +28,7 @@ from profiling.report.thresholds import choose_threshold
 from training.engine import EvalOutput
 from training.modeling import Classifier, load_model
 
-__all__ = ["export_stage", "report_stage"]
+__all__ = ["export_stage", "report_stage", "uses_openvino"]
 
 _ONNX_META = ("arch", "img_size", "mean", "std", "class_names", "threshold", "threshold_rule")
 
@@ -65,11 +65,11 @@ def export_record(ctx: Context) -> dict[str, Any]:
         inputs[name] = run.weights(name)
         inputs[f"{name}.meta"] = run.meta(name)
     config = {"export": to_dict(cfg.export), "threshold": cfg.eval.threshold, "crop_pct": cfg.data.crop_pct,
-              "models": names, "openvino_check": _on_openvino(cfg)}
+              "models": names, "openvino_check": uses_openvino(cfg)}
     return provenance.make("export", config, inputs)
 
 
-def _on_openvino(cfg: Any) -> bool:
+def uses_openvino(cfg: Any) -> bool:
     """Whether the exported models are also run on OpenVINO (checked against PyTorch): asked for by
     ``export.openvino``, or needed because OpenVINO is timed (a profile runtime, the constraint's)."""
     return bool(cfg.export.openvino or "openvino" in cfg.profile.runtimes or cfg.constraints.runtime == "openvino")
@@ -130,7 +130,7 @@ def export_stage(ctx: Context) -> dict[str, Any]:
                            metadata={"model": name, **{k: meta[k] for k in _ONNX_META}, "crop_pct": cfg.data.crop_pct})
         check = verify_onnx(path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
         results["models"][name] = {"onnx": path.name, **check}
-        if _on_openvino(cfg):
+        if uses_openvino(cfg):
             results["models"][name]["openvino"] = _openvino(ctx, name, path, model, meta)
         exported[name] = (path, model, meta)
         ctx.log(f"[export] {path}: max |p_onnx - p_torch| {check['max_abs_diff_prob']:.2e}, "

@@ -199,3 +199,15 @@ def test_the_export_stage_checks_openvino_and_saves_ir(tmp_path) -> None:
     assert (export / "student.bin").is_file()
     meta = json.loads((tmp_path / "runs" / "tiny" / "student" / "meta.json").read_text())
     assert ir_metadata(export / "student.xml")["threshold"] == meta["threshold"]
+
+
+def test_a_run_that_needs_openvino_stops_at_once_without_it(tmp_path, monkeypatch, capsys) -> None:
+    import distill.run
+    from test_faults import write_config
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "runs", threads=None)
+    assert distill.run.main([str(cfg), "profile.runtimes=[onnx,openvino]"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[openvino]"' in err and "profile.runtimes" in err
+    assert not (tmp_path / "runs" / "tiny" / "data").exists()  # before any stage ran
