@@ -139,7 +139,8 @@ def export_stage(ctx: Context) -> dict[str, Any]:
     if cfg.export.int8 and deployed is not None:
         results["int8"] = _int8(ctx, deployed, *exported[deployed])
     atomic_write_text(run.verify, json.dumps(results, indent=2, default=float))
-    files = [p.name for p in run.export.iterdir() if p.suffix in (".onnx", ".json", ".xml", ".bin") and p.name != RECORD]
+    files = [p.name for p in run.export.iterdir()
+             if p.suffix in (".onnx", ".json", ".xml", ".bin") and p.name != RECORD]
     provenance.save(run.record("export"), provenance.finish(record, run.export, sorted(files)))
     return results
 

@@ -118,7 +118,8 @@ def _print_table(result: dict[str, Any], model: str) -> None:
             continue
         print(f"  {s['runtime']:<20}{s['batch']:>6}{s['threads']:>8}{s['median_ms']:>11.3f}{s['p90_ms']:>9.3f}"
               f"{s['images_per_s']:>10.1f}{'—' if ideal is None else f'{ideal:.3f}':>10}"
-              f"{'—' if memory is None else f'{memory:.1f}':>9}" + (f"  {s['under_load']}" if s.get("under_load") else ""))
+              f"{'—' if memory is None else f'{memory:.1f}':>9}"
+              + (f"  {s['under_load']}" if s.get("under_load") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,6 +232,7 @@ def _figure(ms: float, under_load: str | None = None) -> dict:
 def test_the_deployed_pair_is_the_fastest_runtime_and_precision_that_passes(default_report: dict) -> None:
     rows = copy.deepcopy(default_report["models"])
     rows["student_pruned"]["latency_ms"]["openvino_b1"] = _figure(1.2)  # faster than onnx (2.0) and int8 (1.5)
+    rows["student_pruned"]["latency_ms"]["eager_b1"] = _figure(0.5)  # not a deploy runtime: predict runs the files
     chosen = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0))
     assert (chosen["model"], chosen["runtime"], chosen["precision"]) == ("student_pruned", "openvino", "fp32")
     assert [(c["model"], c["runtime"]) for c in chosen["candidates"]] == [

@@ -403,7 +403,8 @@ def _withheld(where: dict[str, Any], load: float, when: str, max_other_load: flo
 def _timed(runner: Callable[[], Any], kind: str, warmup: int, runs: int) -> tuple[list[float], float | None]:
     """One measurement, and the cores other processes used while it ran (None: cannot be read here)."""
     before = cpu_times()
-    times = measure_cuda(runner, warmup=warmup, runs=runs) if kind == "cuda" else measure(runner, warmup=warmup, runs=runs)
+    timer = measure_cuda if kind == "cuda" else measure
+    times = timer(runner, warmup=warmup, runs=runs)
     after = cpu_times()
     return times, None if before is None or after is None else other_load(before, after)
 

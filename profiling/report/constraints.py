@@ -6,7 +6,7 @@ undefined AUROC) is neither passed nor failed: ``passed`` is None, and the const
 does not pass, since nothing was shown.
 
 What is deployed is a (model, runtime) pair: the last student (the pruned one, else the distilled
-one) in fp32 on ONNX Runtime, OpenVINO or eager PyTorch, or its int8 copy on ONNX Runtime; of the
+one) in fp32 on ONNX Runtime or OpenVINO, or its int8 copy on ONNX Runtime; of the
 pairs that were timed, the fastest at ``constraints.batch`` that meets every constraint, the
 latency bound read on the pair's own runtime. The choice reads the quality bounds on *validation*,
 like the threshold: choosing on test would make the test figures of the chosen model optimistic.
@@ -25,9 +25,9 @@ __all__ = ["DEPLOY_RUNTIMES", "check_model", "choose_deployed", "deploy_candidat
            "fastest_runtimes", "latency_of", "precision_of", "runtime_for"]
 
 _INT8_RUNTIME = "onnx_int8"
-#: The runtimes a model can be deployed on (what ``python -m deploy.predict`` runs), by precision, in
-#: the order that breaks a tie.
-DEPLOY_RUNTIMES: dict[str, tuple[str, ...]] = {"fp32": ("onnx", "openvino", "eager"), "int8": (_INT8_RUNTIME,)}
+#: The runtimes a model is deployed on (what ``python -m deploy.predict`` runs a run's exported model
+#: on), by precision, in the order that breaks a tie.
+DEPLOY_RUNTIMES: dict[str, tuple[str, ...]] = {"fp32": ("onnx", "openvino"), "int8": (_INT8_RUNTIME,)}
 
 
 def precision_of(row: dict[str, Any]) -> str:

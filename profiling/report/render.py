@@ -47,8 +47,9 @@ def _facts(report: dict[str, Any], name: str) -> str:
     row, c = report["models"][name], report["constraints"]
     fig = latency_of(row, c["runtime"], c["batch"])
     load = f", {fig['under_load']}" if fig and fig.get("under_load") else ""
-    speed = (f"{_ms(fig['median'])} ms median on {c['runtime']} ({'int8' if row.get('quantised_from') else 'fp32'}, "
-             f"batch {c['batch']}, {fig['threads']} threads{load})" if fig else f"latency on {c['runtime']} not measured")
+    precision = "int8" if row.get("quantised_from") else "fp32"
+    speed = (f"{_ms(fig['median'])} ms median on {c['runtime']} ({precision}, batch {c['batch']}, "
+             f"{fig['threads']} threads{load})" if fig else f"latency on {c['runtime']} not measured")
     test = row["test"]
     return (f"{speed}, {_m(row.get('params'))} params, {_m(row.get('macs'))} MACs, "
             f"test AUROC {_with_ci(test, 'auroc')}, recall {_f(test.get('recall'))} at threshold {row['threshold']:.3g}")
@@ -142,7 +143,8 @@ def _models_section(report: dict[str, Any]) -> str:
         text += (f"\n\nLatency: median ms per batch of {settings['runs']} timed runs after {settings['warmup']} "
                  f"warm-up, {settings['threads']} thread(s) (PyTorch intra-op, ONNX Runtime intra-op, OpenVINO "
                  f"inference threads), on {machine.get('cpu')}; torch {machine.get('torch')}, onnxruntime "
-                 f"{machine.get('onnxruntime')}" + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
+                 f"{machine.get('onnxruntime')}"
+                 + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
                  + ". "
                  + (f"CUDA runtimes on {machine['gpu']}. " if machine.get("gpu") else "")
                  + "p90, spread and images/s are in report.json. Runtime names: `<runtime>_b<batch>`; the int8 "
