@@ -42,6 +42,7 @@ from profiling.cost.latency import matmul_peak_gflops
 from profiling.cost.machine import other_cpu_load, usable_cores
 from profiling.cost.profile_model import ModelEntry, profile_model
 from deploy.export import export_onnx, quantize_int8
+from deploy.openvino_runtime import openvino_version
 from student.model import build_student
 from student.prune import StudentPruner
 from teacher.model import build_teacher
@@ -54,7 +55,7 @@ QUICK_OVERRIDES = ["teacher.arch=vit_tiny_patch16_224", "teacher.img_size=64",
 SPEEDUP_MIN = 50.0  # deployed pruned student vs teacher eager, batch 1
 MAC_SHARE_MAX = 0.015  # of the teacher's MACs
 X_IDEAL_MAX = 2.0  # median / own FLOP-limit time
-DEPLOY_RUNTIMES = ("onnx", "onnx_int8")
+DEPLOY_RUNTIMES = ("onnx", "onnx_int8", "openvino")  # openvino where the package is installed
 CALIBRATION = (4, 8)  # batches x images of random-normal int8 calibration data
 
 
@@ -186,6 +187,8 @@ def _runtimes(entry: ModelEntry) -> list[str]:
         runtimes.append("onnx")
     if entry.onnx_int8 is not None:
         runtimes.append("onnx_int8")
+    if entry.onnx is not None and openvino_version() is not None:
+        runtimes.append("openvino")
     return runtimes
 
 
@@ -231,7 +234,7 @@ def measure_all(models: list[Model], s: Settings, threads: int, peak: float, not
             start = time.perf_counter()
             model.profiles[batch] = profile_model(
                 model.entry, runtimes=_runtimes(model.entry), batch_sizes=[batch], threads=threads, warmup=warmup,
-                runs=runs, allow_busy=s.allow_busy, peak_memory=False, peak_gflops=peak)
+                runs=runs, allow_busy=s.allow_busy, strict=True, peak_memory=False, peak_gflops=peak)
             print(f"measured {model.label} at batch {batch} ({warmup} warm-up + {runs} runs) in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from core.files import atomic_write
 from deploy.runtime import defect_probability, onnx_logits, onnx_session
 from training.modeling import eval_mode
 
-__all__ = ["INPUT", "OUTPUT", "export_onnx", "update_metadata", "quantize_int8", "read_metadata", "verify_onnx"]
+__all__ = ["INPUT", "OUTPUT", "export_onnx", "update_metadata", "quantize_int8", "read_metadata", "verify_onnx",
+           "verify_openvino"]
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -121,21 +122,44 @@ def update_metadata(path: str | os.PathLike[str], changes: dict[str, Any]) -> di
 
 def verify_onnx(path: str | os.PathLike[str], net: nn.Module, images: torch.Tensor, threshold: float,
                 *, batch_size: int = 32) -> dict[str, float | int]:
-    """Run the ONNX model and ``net`` on the same normalised images and compare them.
+    """Run the ONNX model (ONNX Runtime) and ``net`` on the same normalised images and compare them.
 
     Returns the largest absolute difference of defect probabilities and of logits, and the
     fraction of images whose decision (defect when prob >= threshold) is the same in both.
     """
+    _check_images(images)
+    session = onnx_session(path)
+    return _compare(lambda chunk: onnx_logits(session, chunk), net, images, threshold, batch_size)
+
+
+def verify_openvino(path: str | os.PathLike[str], net: nn.Module, images: torch.Tensor, threshold: float,
+                    *, batch_size: int = 32) -> dict[str, float | int | str]:
+    """:func:`verify_onnx` with the model (.onnx or IR .xml) compiled by OpenVINO on the CPU, fp32,
+    as :func:`deploy.openvino_runtime.compile_openvino` compiles it everywhere; the same figures,
+    plus the OpenVINO version. Without the openvino package: a UserError naming the install command."""
+    from deploy.openvino_runtime import compile_openvino, openvino_logits, openvino_version
+
+    _check_images(images)
+    compiled = compile_openvino(path)
+    result = _compare(lambda chunk: openvino_logits(compiled, chunk), net, images, threshold, batch_size)
+    return {**result, "openvino": openvino_version() or ""}
+
+
+def _check_images(images: torch.Tensor) -> None:
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty NCHW batch, got shape {tuple(images.shape)}")
-    session = onnx_session(path)
+
+
+def _compare(logits_of: Callable[[np.ndarray], np.ndarray], net: nn.Module, images: torch.Tensor, threshold: float,
+             batch_size: int) -> dict[str, float | int]:
+    """``net``'s logits against ``logits_of``'s (a runtime's) on the same images, chunk by chunk."""
     device = next(net.parameters()).device
-    torch_logits, onnx_out = [], []
+    torch_logits, runtime_out = [], []
     with eval_mode(net), torch.no_grad():
         for chunk in images.split(batch_size):
             torch_logits.append(net(chunk.to(device)).float().cpu().numpy())
-            onnx_out.append(onnx_logits(session, chunk.cpu().numpy()))
-    ref, got = np.concatenate(torch_logits), np.concatenate(onnx_out)
+            runtime_out.append(logits_of(chunk.cpu().numpy()))
+    ref, got = np.concatenate(torch_logits), np.concatenate(runtime_out)
     p_ref, p_got = defect_probability(ref), defect_probability(got)
     return {
         "n": len(ref),

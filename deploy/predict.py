@@ -1,11 +1,13 @@
 """Say *defect* or *normal* for new photos with a trained model, and optionally show why (Grad-CAM).
 
     python -m deploy.predict MODEL IMAGES... [--threshold T] [--out predictions.csv|.json]
-                              [--gradcam DIR] [--batch-size N] [--debug]
+                              [--gradcam DIR] [--batch-size N] [--runtime onnxruntime|openvino] [--debug]
 
 MODEL is a run directory (the model it deploys, :func:`deployed_model`), a model directory
-(``meta.json`` + ``model.safetensors``) or an exported ``.onnx`` file. An ONNX model runs on ONNX
-Runtime, and that path imports neither torch nor timm: a PC beside the line needs onnxruntime,
+(``meta.json`` + ``model.safetensors``), an exported ``.onnx`` file or its OpenVINO IR (``.xml``).
+An ONNX model runs on ONNX Runtime, or on OpenVINO with ``--runtime openvino`` (an ``.xml`` file
+always does; a run whose report deploys it on OpenVINO does too unless ``--runtime onnxruntime``), and
+that path imports neither torch nor timm: a PC beside the line needs onnxruntime (or openvino),
 numpy and Pillow, not the training stack. IMAGES are files, folders (searched recursively for
 image extensions) or glob patterns.
 
@@ -42,8 +44,8 @@ from data.images import BadImage, open_rgb, square
 from data.yolo import IMAGE_EXTENSIONS
 from deploy.runtime import defect_probability, onnx_metadata, onnx_session
 
-__all__ = ["Recipe", "Prediction", "deployed_model", "resolve_model", "collect_images", "load_backend",
-           "normalise", "predict", "main"]
+__all__ = ["Recipe", "Prediction", "deployed_model", "deployed_runtime", "resolve_model", "collect_images",
+           "load_backend", "normalise", "predict", "main"]
 
 
 
@@ -52,7 +54,7 @@ class Recipe:
     """What a model needs to see an image as in training, and how to read its answer."""
 
     source: str  # the file or directory the model was loaded from
-    runtime: str  # "onnxruntime" or "pytorch"
+    runtime: str  # "onnxruntime", "openvino" or "pytorch"
     img_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -124,8 +126,9 @@ def resolve_model(path: str | Path) -> Path:
         raise UserError(f"model '{path}' does not exist; give a run directory (runs/<name>), a model directory "
                         f"({META} + {WEIGHTS}) or an exported .onnx file")
     if path.is_file():
-        if path.suffix.lower() != ".onnx":
-            raise UserError(f"'{path}' is not a model; give a run directory, a model directory or an .onnx file")
+        if path.suffix.lower() not in (".onnx", ".xml"):
+            raise UserError(f"'{path}' is not a model; give a run directory, a model directory, an .onnx file "
+                            "or an OpenVINO IR .xml file")
         return path
     return path if is_model_dir(path) else deployed_model(path)
 
@@ -169,6 +172,49 @@ class OnnxBackend:
         return self.session.run(None, {self.input: batch})[0]
 
 
+class OpenVinoBackend:
+    """An exported model (.onnx, or its IR .xml) compiled by OpenVINO for the CPU, fp32
+    (:func:`deploy.openvino_runtime.compile_openvino`); its recipe is the metadata the export stored."""
+
+    def __init__(self, path: Path) -> None:
+        from deploy.openvino_runtime import compile_openvino, ir_metadata
+
+        self.compiled = compile_openvino(path)
+        meta = ir_metadata(path)
+        self.torch_dir = _pytorch_source(path, meta)
+        crop = meta.get("crop_pct")
+        if crop is None and self.torch_dir is not None:
+            crop = _read_meta(self.torch_dir).get("crop_pct")
+        self.recipe = _recipe(meta, path, "openvino", crop)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        from deploy.openvino_runtime import openvino_logits
+
+        return openvino_logits(self.compiled, batch)
+
+
+def _exported_backend(path: Path, runtime: str | None) -> OnnxBackend | OpenVinoBackend:
+    """The backend for an exported file: OpenVINO for an IR .xml or when asked, else ONNX Runtime."""
+    if path.suffix.lower() == ".xml":
+        if runtime == "onnxruntime":
+            raise UserError(f"'{path}' is OpenVINO IR, which ONNX Runtime cannot run; give the .onnx file beside it "
+                            "or use --runtime openvino")
+        return OpenVinoBackend(path)
+    return OpenVinoBackend(path) if runtime == "openvino" else OnnxBackend(path)
+
+
+def deployed_runtime(model_arg: str | Path) -> str | None:
+    """``openvino`` when MODEL is a run directory whose report.json deploys its model on OpenVINO, else None."""
+    report = RunDir(Path(model_arg)).report_json
+    if not Path(model_arg).is_dir() or not report.is_file():
+        return None
+    try:
+        entry = json.loads(report.read_text(encoding="utf-8")).get("deployed")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # deployed_model has already said what is wrong with the file
+    return "openvino" if isinstance(entry, dict) and entry.get("runtime") == "openvino" else None
+
+
 class TorchBackend:
     """A model directory rebuilt in PyTorch (no pickle); it can also explain itself with Grad-CAM."""
 
@@ -193,16 +239,23 @@ class TorchBackend:
         return gradcam(self.model.net, torch.from_numpy(batch))
 
 
-def load_backend(path: Path, gradcam: bool = False) -> tuple[Backend, TorchBackend | None]:
-    """The model that predicts, and the PyTorch model that explains (when ``gradcam`` is asked)."""
-    if path.suffix.lower() != ".onnx":
+def load_backend(path: Path, gradcam: bool = False,
+                 runtime: str | None = None) -> tuple[Backend, TorchBackend | None]:
+    """The model that predicts, and the PyTorch model that explains (when ``gradcam`` is asked).
+
+    ``runtime`` (``onnxruntime`` or ``openvino``) runs an exported file there; None: ONNX Runtime for
+    an .onnx file, OpenVINO for an .xml file."""
+    if path.suffix.lower() not in (".onnx", ".xml"):
+        if runtime is not None:
+            raise UserError(f"--runtime {runtime} runs an exported model, and '{path}' is a PyTorch model directory; "
+                            "give the run directory or its export/<model>.onnx file")
         backend = TorchBackend(path)
         return backend, (backend if gradcam else None)
-    backend = OnnxBackend(path)
+    backend = _exported_backend(path, runtime)
     if not gradcam:
         return backend, None
     if backend.torch_dir is None:
-        raise UserError(f"--gradcam needs the PyTorch model, and '{path}' is an ONNX file with no model directory "
+        raise UserError(f"--gradcam needs the PyTorch model, and '{path}' is an exported file with no model directory "
                         "beside it (runs/<name>/export/<model>.onnx -> runs/<name>/<model>/); give the run "
                         "directory or the model directory instead")
     return backend, TorchBackend(backend.torch_dir)
@@ -367,6 +420,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the predictions to this .csv (or .json) file")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                   help="run an exported model on this runtime (default: OpenVINO for an .xml file or a run "
+                        "deployed on OpenVINO, else ONNX Runtime); openvino needs pip install -e \".[openvino]\"")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -386,7 +442,15 @@ def _run(args: argparse.Namespace) -> list[Prediction]:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_path = resolve_model(args.model)
     images = collect_images(args.images)
-    backend, explainer = load_backend(model_path, gradcam=args.gradcam is not None)
+    runtime = args.runtime or deployed_runtime(args.model)
+    if args.runtime is None and runtime == "openvino" and model_path.suffix.lower() == ".onnx":
+        from deploy.openvino_runtime import INSTALL_HINT, openvino_version
+
+        if openvino_version() is None:  # the same file runs on ONNX Runtime, checked against PyTorch like OpenVINO
+            print(f"note: the run deploys its model on OpenVINO, which is not installed here; running the same "
+                  f"file on ONNX Runtime ({INSTALL_HINT} to use OpenVINO)")
+            runtime = None
+    backend, explainer = load_backend(model_path, gradcam=args.gradcam is not None, runtime=runtime)
     recipe = backend.recipe
     threshold = recipe.threshold if args.threshold is None else args.threshold
     print(f"model {recipe.source} ({recipe.runtime}, {recipe.img_size} px, threshold {threshold:.4g})")

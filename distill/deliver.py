@@ -20,7 +20,7 @@ from core import provenance
 from core.files import atomic_write_text
 from core.rundir import DEPLOY_ORDER, RECORD
 from core.schema import to_dict
-from deploy.export import export_onnx, quantize_int8, update_metadata, verify_onnx
+from deploy.export import export_onnx, quantize_int8, read_metadata, update_metadata, verify_onnx, verify_openvino
 from deploy.runtime import onnx_logits, onnx_session
 from distill.stages import Context, write_split_predictions
 from profiling.report.quality import binary_metrics
@@ -28,7 +28,7 @@ from profiling.report.thresholds import choose_threshold
 from training.engine import EvalOutput
 from training.modeling import Classifier, load_model
 
-__all__ = ["export_stage", "report_stage"]
+__all__ = ["export_stage", "report_stage", "uses_openvino"]
 
 _ONNX_META = ("arch", "img_size", "mean", "std", "class_names", "threshold", "threshold_rule")
 
@@ -65,8 +65,29 @@ def export_record(ctx: Context) -> dict[str, Any]:
         inputs[name] = run.weights(name)
         inputs[f"{name}.meta"] = run.meta(name)
     config = {"export": to_dict(cfg.export), "threshold": cfg.eval.threshold, "crop_pct": cfg.data.crop_pct,
-              "models": names}
+              "models": names, "openvino_check": uses_openvino(cfg)}
     return provenance.make("export", config, inputs)
+
+
+def uses_openvino(cfg: Any) -> bool:
+    """Whether the exported models are also run on OpenVINO (checked against PyTorch): asked for by
+    ``export.openvino``, or needed because OpenVINO is timed (a profile runtime, the constraint's)."""
+    return bool(cfg.export.openvino or "openvino" in cfg.profile.runtimes or cfg.constraints.runtime == "openvino")
+
+
+def _openvino(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str, Any]) -> dict[str, Any]:
+    """``name``'s ONNX file on OpenVINO, checked against PyTorch like ONNX Runtime; its IR saved when asked."""
+    from deploy.openvino_runtime import save_ir
+
+    check = verify_openvino(path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
+    ctx.log(f"[export] {path.name} on OpenVINO {check['openvino']}: max |p_openvino - p_torch| "
+            f"{check['max_abs_diff_prob']:.2e}, decisions agree on {100 * check['agreement']:.1f}% of "
+            f"{check['n']} test images")
+    if ctx.cfg.export.openvino:
+        xml = save_ir(path, read_metadata(path))
+        check["ir"] = xml.name
+        ctx.log(f"[export] {xml} (+ {xml.with_suffix('.bin').name}): OpenVINO IR, fp32 weights")
+    return check
 
 
 def _int8(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +130,8 @@ def export_stage(ctx: Context) -> dict[str, Any]:
                            metadata={"model": name, **{k: meta[k] for k in _ONNX_META}, "crop_pct": cfg.data.crop_pct})
         check = verify_onnx(path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
         results["models"][name] = {"onnx": path.name, **check}
+        if uses_openvino(cfg):
+            results["models"][name]["openvino"] = _openvino(ctx, name, path, model, meta)
         exported[name] = (path, model, meta)
         ctx.log(f"[export] {path}: max |p_onnx - p_torch| {check['max_abs_diff_prob']:.2e}, "
                 f"decisions agree on {100 * check['agreement']:.1f}% of {check['n']} test images")
@@ -116,7 +139,8 @@ def export_stage(ctx: Context) -> dict[str, Any]:
     if cfg.export.int8 and deployed is not None:
         results["int8"] = _int8(ctx, deployed, *exported[deployed])
     atomic_write_text(run.verify, json.dumps(results, indent=2, default=float))
-    files = [p.name for p in run.export.iterdir() if p.suffix in (".onnx", ".json") and p.name != RECORD]
+    files = [p.name for p in run.export.iterdir()
+             if p.suffix in (".onnx", ".json", ".xml", ".bin") and p.name != RECORD]
     provenance.save(run.record("export"), provenance.finish(record, run.export, sorted(files)))
     return results
 

@@ -23,7 +23,8 @@ from data.prepare import prepare_data, summary_lines
 from distill.config import Config, load_config, save_config
 from core.rundir import MODELS, STAGE_OUTPUTS, STAGES, RunDir
 from distill.compress import prune_stage
-from distill.deliver import export_stage, report_stage
+from deploy.openvino_runtime import require_openvino
+from distill.deliver import export_stage, report_stage, uses_openvino
 from distill.stages import Context, baseline_stage, check_finished_stages, student_stage, teacher_stage
 from training.distributed import Dist, barrier, close_distributed, init_distributed
 from training.engine import pick_device
@@ -118,6 +119,8 @@ def _run(cfg: Config, stages: list[str], force: list[str], dist: Dist, device_na
     barrier(dist)
     for arch, key in ((cfg.teacher.arch, "teacher.arch"), (cfg.student.arch, "student.arch")):
         check_arch(arch, key)  # a typo must not wait for the end of the teacher stage
+    if uses_openvino(cfg) and {"prune", "export", "report"} & set(stages):
+        require_openvino("OpenVINO (export.openvino, or openvino in profile.runtimes / constraints.runtime)")
     seed_everything(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

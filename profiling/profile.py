@@ -91,7 +91,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (a process each)")
-    p.add_argument("--allow-busy", action="store_true", help="time even while other processes load the CPU")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="time at once even while other processes load the CPU (figures marked if they did)")
+    p.add_argument("--strict-timing", action="store_true",
+                   help="on a busy CPU give no figure, instead of one marked 'measured under load'")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -115,7 +118,8 @@ def _print_table(result: dict[str, Any], model: str) -> None:
             continue
         print(f"  {s['runtime']:<20}{s['batch']:>6}{s['threads']:>8}{s['median_ms']:>11.3f}{s['p90_ms']:>9.3f}"
               f"{s['images_per_s']:>10.1f}{'—' if ideal is None else f'{ideal:.3f}':>10}"
-              f"{'—' if memory is None else f'{memory:.1f}':>9}")
+              f"{'—' if memory is None else f'{memory:.1f}':>9}"
+              + (f"  {s['under_load']}" if s.get("under_load") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +135,7 @@ def _profile(args: argparse.Namespace) -> int:
     peak = matmul_peak_gflops(threads)
     result = profile_model(entry, runtimes=args.runtimes, batch_sizes=sorted(set(args.batch_sizes)),
                            threads=threads, warmup=args.warmup, runs=args.runs, allow_busy=args.allow_busy,
-                           peak_memory=not args.no_memory, peak_gflops=peak)
+                           strict=args.strict_timing, peak_memory=not args.no_memory, peak_gflops=peak)
     machine = machine_info()
     _print_table(result, args.model)
     print(f"  limit: fp32 matmul {peak:.1f} GFLOP/s with {threads} thread(s); ideal = 2 x MACs x batch / peak")

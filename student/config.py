@@ -71,6 +71,10 @@ class ExportConfig:
     #: Also build a statically quantized int8 model, calibrated on training images.
     int8: bool = False
     calibration_images: int = 64
+    #: Also save OpenVINO IR (<model>.xml + .bin) beside each ONNX file, checked against PyTorch on
+    #: OpenVINO (needs pip install -e ".[openvino]"). The check also runs whenever ``openvino`` is
+    #: a profile runtime or the constraint's runtime.
+    openvino: bool = False
     #: Which finished models to export.
     models: list[Literal["student_pruned", "student", "student_baseline", "teacher"]] = field(
         default_factory=lambda: ["student_pruned", "student", "teacher"]

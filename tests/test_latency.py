@@ -132,24 +132,77 @@ def test_bad_arguments_are_errors(tmp_path: Path) -> None:
         profile_latency(tiny_cnn(), 16, ["eager"], onnx_int8_path=tmp_path / "missing.onnx")
 
 
-def test_busy_cpu_before_timing_gives_no_figure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(latency, "other_cpu_load", lambda: 1.5)
+def _scripted(monkeypatch: pytest.MonkeyPatch, before: list[float], during: list[float]) -> dict[str, int]:
+    """A fake load reader: the cores other processes use before each try and while each measurement
+    runs, read from the lists in turn (the last value repeats). Returns how often each was read."""
+    reads = {"before": 0, "during": 0}
+
+    def reader(kind: str, values: list[float]):
+        def read(*_args: object) -> float:
+            reads[kind] += 1
+            return values[min(reads[kind], len(values)) - 1]
+        return read
+
+    monkeypatch.setattr(latency, "other_cpu_load", reader("before", before))
+    monkeypatch.setattr(latency, "other_load", reader("during", during))
+    return reads
+
+
+NO_WAIT = {**FAST, "quiet_wait_s": 0.0}  # the tries come one after another: no test sleeps
+
+
+def test_strict_busy_cpu_before_timing_gives_no_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _scripted(monkeypatch, before=[1.5], during=[0.0])
     with pytest.warns(BusyCpuWarning, match="other processes used 1.50 cores"):
-        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], **FAST)
-    assert stats.median_ms is None and stats.other_cpu_load == 1.5
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], strict=True, **NO_WAIT)
+    assert stats.median_ms is None and stats.other_cpu_load == 1.5 and stats.under_load is None
     assert stats.skipped == "CPU busy before timing: other processes used 1.50 cores (limit 0.25)"
+    assert reads == {"before": 1, "during": 0}  # strict: no second look, nothing timed
 
 
-def test_busy_cpu_while_timing_gives_no_figure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(latency, "other_cpu_load", lambda: 0.0)
-    monkeypatch.setattr(latency, "other_load", lambda before, after: 0.8)
+def test_strict_busy_cpu_while_timing_gives_no_figure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted(monkeypatch, before=[0.0], during=[0.8])
     with pytest.warns(BusyCpuWarning):
-        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], **FAST)
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], strict=True, **NO_WAIT)
     assert stats.skipped.startswith("CPU busy while timing") and stats.median_ms is None
 
-    (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], allow_busy=True, **FAST)
+    with pytest.warns(BusyCpuWarning, match="measured under load"):
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], allow_busy=True, **NO_WAIT)
     assert_consistent(stats)
     assert stats.other_cpu_load == 0.8  # measured anyway, and the load is kept beside the figure
+    assert stats.under_load == "measured under load (0.80 cores busy)"
+
+
+def test_a_busy_cpu_is_waited_out_when_a_quiet_window_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _scripted(monkeypatch, before=[1.5, 1.2, 0.1], during=[0.05])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BusyCpuWarning)  # a quiet figure warns of nothing
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], **NO_WAIT)
+    assert_consistent(stats)
+    assert stats.under_load is None and stats.other_cpu_load == 0.05
+    assert reads == {"before": 3, "during": 1}
+
+
+def test_no_quiet_window_measures_anyway_and_marks_the_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _scripted(monkeypatch, before=[1.5], during=[1.2])
+    with pytest.warns(BusyCpuWarning, match=r"no quiet window in 5 tries; measured under load \(1.20 cores busy\)"):
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], **NO_WAIT)
+    assert_consistent(stats)  # a figure, not a blank
+    assert stats.under_load == "measured under load (1.20 cores busy)" and stats.other_cpu_load == 1.2
+    assert reads == {"before": 5, "during": 1}  # five looks, then one measurement
+
+
+def test_busy_while_timing_keeps_the_least_loaded_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _scripted(monkeypatch, before=[0.0], during=[0.9, 0.6, 0.7, 0.8, 1.0])
+    with pytest.warns(BusyCpuWarning, match=r"0.60 cores busy"):
+        (stats,) = profile_latency(tiny_cnn(), 16, ["eager"], quiet_tries=5, **NO_WAIT)
+    assert stats.under_load == "measured under load (0.60 cores busy)" and stats.median_ms is not None
+    assert reads == {"before": 5, "during": 5}
+
+
+def test_quiet_tries_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="quiet_tries >= 1"):
+        profile_latency(tiny_cnn(), 16, ["eager"], quiet_tries=0)
 
 
 def test_other_load_by_hand() -> None:

@@ -220,10 +220,51 @@ def test_the_deployed_model_is_the_fastest_that_passes(default_report: dict) -> 
     # ... while int8 losing recall on validation deploys the fp32 model.
     rows["student_pruned_int8"]["splits"]["val"]["recall"] = 0.5
     chosen = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0, min_recall=0.95))
-    assert chosen["model"] == "student_pruned" and chosen["passed"] and "only candidate" in chosen["why"]
-    # an int8 model has no eager figure: on `eager` it cannot meet a latency bound
-    checks = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0, runtime="eager"))
-    assert not checks["passed"]
+    assert (chosen["model"], chosen["runtime"], chosen["precision"]) == ("student_pruned", "onnx", "fp32")
+    assert chosen["passed"] and "only (model, runtime) pair" in chosen["why"]
+
+
+def _figure(ms: float, under_load: str | None = None) -> dict:
+    return {"median": ms, "p90": ms, "std": 0.0, "runs": 30, "images_per_s": 1e3 / ms, "threads": 2,
+            "device": "cpu (test)", "other_cpu_load": 0.0, **({"under_load": under_load} if under_load else {})}
+
+
+def test_the_deployed_pair_is_the_fastest_runtime_and_precision_that_passes(default_report: dict) -> None:
+    rows = copy.deepcopy(default_report["models"])
+    rows["student_pruned"]["latency_ms"]["openvino_b1"] = _figure(1.2)  # faster than onnx (2.0) and int8 (1.5)
+    rows["student_pruned"]["latency_ms"]["eager_b1"] = _figure(0.5)  # not a deploy runtime: predict runs the files
+    chosen = choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0))
+    assert (chosen["model"], chosen["runtime"], chosen["precision"]) == ("student_pruned", "openvino", "fp32")
+    assert [(c["model"], c["runtime"]) for c in chosen["candidates"]] == [
+        ("student_pruned", "onnx"), ("student_pruned", "openvino"), ("student_pruned_int8", "onnx_int8")]
+    (latency,) = chosen["checks"]
+    assert latency["value"] == 1.2 and "openvino_b1" in latency["what"]  # the bound read on the pair's runtime
+    # the constraint's own runtime does not restrict the pairs: it is where a latency target is searched
+    assert choose_deployed(rows, ConstraintsConfig(max_latency_ms=10.0, runtime="eager"))["runtime"] == "openvino"
+    # a bound only int8 on ONNX Runtime meets deploys that pair
+    rows["student_pruned"]["latency_ms"]["openvino_b1"] = _figure(1.8)
+    assert choose_deployed(rows, ConstraintsConfig(max_latency_ms=1.6))["runtime"] == "onnx_int8"
+
+
+def test_the_report_names_the_fastest_runtime_and_marks_figures_measured_under_load(tmp_path: Path) -> None:
+    run = make_run(tmp_path, constraints={"max_latency_ms": 10.0})
+    profile = json.loads((run / "profile.json").read_text())
+    student = profile["models"]["student_pruned"]["latency"]
+    student["openvino_b1"] = {**student["onnx_b1"], "runtime": "openvino", "median_ms": 1.2,
+                              "other_cpu_load": 1.4, "under_load": "measured under load (1.40 cores busy)"}
+    (run / "profile.json").write_text(json.dumps(profile))
+    report = build_report(run, plots=False)
+    pruned = report["models"]["student_pruned"]
+    assert pruned["fastest"]["b1"] == {"runtime": "openvino", "median": 1.2,
+                                       "under_load": "measured under load (1.40 cores busy)"}
+    assert pruned["latency_ms"]["openvino_b1"]["under_load"] == "measured under load (1.40 cores busy)"
+    assert "under_load" not in pruned["latency_ms"]["onnx_b1"]
+    assert report["models"]["student_pruned_int8"]["fastest"]["b1"]["runtime"] == "onnx_int8"
+    assert report["deployed"]["runtime"] == "openvino" and report["constraints"]["runtime"] == "openvino"
+    md = (run / "report.md").read_text()
+    assert "| onnx_b1 (ms) | onnx_int8_b1 (ms) | openvino_b1 (ms) | fastest b1 |" in md
+    assert "1.2 †" in md and "student_pruned openvino_b1: measured under load (1.40 cores busy)" in md
+    assert "student_pruned on openvino (deployed)" in report["verdict"]
 
 
 def test_a_run_without_a_student_has_no_verdict_and_fails_the_check(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ __all__ = ["RUNTIME_NAMES", "ProfileConfig"]
 
 #: The runtimes :data:`profiling.cost.latency.RUNTIMES` can time (named here so a config is checked
 #: without importing torch and onnxruntime; a test keeps the two lists equal).
-RUNTIME_NAMES: tuple[str, ...] = ("eager", "eager_channels_last", "onnx", "onnx_int8", "cuda_fp16", "cuda_bf16")
+RUNTIME_NAMES: tuple[str, ...] = (
+    "eager", "eager_channels_last", "onnx", "onnx_int8", "openvino", "cuda_fp16", "cuda_bf16",
+)
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,14 @@ class ProfileConfig:
     threads: int | None = None  # None: every core
     warmup: int = 10
     runs: int = 30
-    #: Time even while other processes load the CPU (the load is recorded beside each figure).
+    #: Time at once even while other processes load the CPU, without looking for a quiet window
+    #: (the load is recorded beside each figure, which is marked when over ``max_other_load``).
     allow_busy: bool = False
-    #: Cores' worth of other processes' CPU time above which a figure is withheld.
+    #: Cores' worth of other processes' CPU time above which the CPU counts as busy: a quiet window
+    #: is looked for (a few tries a second apart), else the figure is marked "measured under load".
     max_other_load: float = 0.25
+    #: Withhold a figure measured on a busy CPU instead of marking it (the benchmarks' rule).
+    strict_timing: bool = False
     #: Measure each runtime's peak inference memory (a fresh process per runtime and batch: seconds each).
     peak_memory: bool = True
 

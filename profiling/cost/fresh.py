@@ -49,17 +49,19 @@ def latency_in_fresh_process(model_or_onnx: nn.Module | str | os.PathLike[str], 
                              batch: int = 1, threads: int = 1, warmup: int = 10, runs: int = 30,
                              onnx_path: str | os.PathLike[str] | None = None,
                              onnx_int8_path: str | os.PathLike[str] | None = None, allow_busy: bool = False,
-                             max_other_load: float = 0.25, timeout_s: float = 600.0) -> LatencyStats:
+                             max_other_load: float = 0.25, strict: bool = True,
+                             timeout_s: float = 600.0) -> LatencyStats:
     """:func:`profiling.latency.profile_latency` of one runtime x batch x thread count, run in a new
-    interpreter; the arguments mean the same. A figure withheld (busy CPU) or not applicable comes
-    back with ``skipped`` set, as there; a child that crashes raises RuntimeError with its stderr."""
+    interpreter; the arguments mean the same, but ``strict`` is on by default (the caller, a latency
+    search, waits out a busy CPU itself). A figure withheld (busy CPU) or not applicable comes back
+    with ``skipped`` set, as there; a child that crashes raises RuntimeError with its stderr."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; valid: {sorted(RUNTIMES)}")
     if not isinstance(model_or_onnx, nn.Module):  # the runners copy a network and set eval mode themselves
         model_or_onnx = Path(model_or_onnx)
     payload = pickle.dumps(((model_or_onnx, img_size, [runtime], [batch], threads, warmup, runs),
                             {"onnx_path": onnx_path, "onnx_int8_path": onnx_int8_path, "allow_busy": allow_busy,
-                             "max_other_load": max_other_load}))
+                             "max_other_load": max_other_load, "strict": strict}))
     # A new interpreter rather than multiprocessing: nothing of this process (threads, heap, the
     # __main__ script) is inherited; it finds our packages through PYTHONPATH.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from profiling.cost.counting import count_macs, count_params, file_size_mb
-from profiling.cost.latency import CudaRunner, EagerRunner, OnnxRunner, ideal_ms, profile_latency
+from profiling.cost.latency import CudaRunner, EagerRunner, OnnxRunner, OpenVinoRunner, ideal_ms, profile_latency
 from profiling.cost.memory import peak_memory_mb
 
 __all__ = ["MACS_NOTE", "ModelEntry", "latency_key", "profile_model"]
@@ -83,6 +83,8 @@ def _memory_runners(entry: ModelEntry, runtimes: Sequence[str], batch: int, thre
         runners["onnx"] = (OnnxRunner(entry.onnx, x, threads), "cpu")
     if "onnx_int8" in runtimes and entry.onnx_int8 is not None:
         runners["onnx_int8"] = (OnnxRunner(entry.onnx_int8, x, threads), "cpu")
+    if "openvino" in runtimes and entry.onnx is not None:
+        runners["openvino"] = (OpenVinoRunner(entry.onnx, x, threads), "cpu")
     if "cuda_fp16" in runtimes and entry.net is not None and torch.cuda.is_available():
         runners["cuda_fp16"] = (CudaRunner(entry.net, x, torch.float16), "cuda")
     return runners
@@ -116,6 +118,7 @@ def profile_model(
     runs: int = 30,
     allow_busy: bool = False,
     max_other_load: float = 0.25,
+    strict: bool = False,
     peak_memory: bool = True,
     peak_gflops: float | None = None,
 ) -> dict[str, Any]:
@@ -137,7 +140,7 @@ def profile_model(
     stats = profile_latency(
         entry.net if entry.net is not None else entry.onnx, entry.img_size, runtimes, batch_sizes, threads,
         warmup, runs, onnx_path=entry.onnx if entry.net is not None else None, onnx_int8_path=entry.onnx_int8,
-        allow_busy=allow_busy, max_other_load=max_other_load,
+        allow_busy=allow_busy, max_other_load=max_other_load, strict=strict,
     )
     out["latency"] = {latency_key(s.runtime, s.batch): asdict(s) for s in stats}
     if peak_memory:

@@ -24,7 +24,7 @@ import numpy as np
 from core.errors import UserError
 from core.files import atomic_write_text, json_ready
 from core.rundir import RunDir, SplitScores
-from profiling.report.constraints import choose_deployed
+from profiling.report.constraints import choose_deployed, fastest_runtimes
 from profiling.report.figures import write_plots
 from profiling.report.quality import agreement, binary_metrics, bootstrap_ci, mean_kl
 from profiling.report.render import render_markdown, verdict
@@ -105,6 +105,8 @@ def _cost(m: ModelRun, profile: dict[str, Any] | None) -> dict[str, Any]:
         latency[key] = {"median": s["median_ms"], "p90": s["p90_ms"], "std": s["std_ms"], "runs": s["runs"],
                         "images_per_s": s["images_per_s"], "threads": s["threads"], "device": s["device"],
                         "other_cpu_load": s.get("other_cpu_load")}
+        if s.get("under_load"):
+            latency[key]["under_load"] = s["under_load"]  # "measured under load (N cores busy)"
     sizes = p.get("size_mb") or {}
     files = {k: v for k, v in sizes.items() if (k == "onnx_int8") == int8}
     memory = {k: v for k, v in (p.get("peak_memory_mb") or {}).items()
@@ -177,9 +179,12 @@ def _constraints(rows: dict[str, dict[str, Any]], files: RunFiles) -> tuple[dict
     block = {
         "passed": bool(deployed) and all(ch["passed"] is True for ch in checks),
         "model": deployed["model"] if deployed else None,
-        "runtime": c.runtime, "batch": c.batch,
+        # the deployed pair's runtime: its latency is what the bound was checked on
+        "runtime": deployed["runtime"] if deployed else c.runtime, "batch": c.batch,
+        "constraint_runtime": c.runtime,
         "checks": checks,
         "set": {k: v for k, v in vars(c).items() if v is not None and k not in ("runtime", "batch")},
+        "precision": deployed["precision"] if deployed else None,
     }
     if deployed is None:
         block["why"] = "the run has no student (student or student_pruned) to deploy"
@@ -195,6 +200,9 @@ def _model_rows(files: RunFiles, notes: list[str]) -> dict[str, dict[str, Any]]:
             rows[name]["quantised_from"] = m.quantised_from
         if m.learned_from:
             rows[name]["learned_from"] = m.learned_from
+        if m.runtime_checks:
+            rows[name]["runtime_checks"] = m.runtime_checks
+        rows[name]["fastest"] = fastest_runtimes(rows[name])
     _vs_teacher(files.models, rows, notes)
     return rows
 

@@ -59,7 +59,7 @@ def measure(
         "machine": machine_info(),
         "settings": {"runtimes": runtimes, "batch_sizes": batches, "threads": threads, "warmup": profile_cfg.warmup,
                      "runs": profile_cfg.runs, "allow_busy": profile_cfg.allow_busy,
-                     "max_other_load": profile_cfg.max_other_load},
+                     "max_other_load": profile_cfg.max_other_load, "strict_timing": profile_cfg.strict_timing},
         "limit": {"matmul_peak_gflops": peak, "threads": threads, "dtype": "fp32",
                   "what": "best of 10 1024x1024 matmuls (2 n^3 FLOPs each); ideal_ms = 2 x macs x batch / peak"},
         "macs_note": MACS_NOTE,
@@ -70,7 +70,7 @@ def measure(
         result["models"][name] = profile_model(
             entry, runtimes=runtimes, batch_sizes=batches, threads=threads, warmup=profile_cfg.warmup,
             runs=profile_cfg.runs, allow_busy=profile_cfg.allow_busy, max_other_load=profile_cfg.max_other_load,
-            peak_memory=profile_cfg.peak_memory, peak_gflops=peak,
+            strict=profile_cfg.strict_timing, peak_memory=profile_cfg.peak_memory, peak_gflops=peak,
         )
     if record is not None:
         result["provenance"] = record
@@ -103,7 +103,8 @@ def profile_record(run: RunDir, names: list[str], profile_cfg: ProfileConfig,
             inputs[f"{name}.{suffix}"] = path if path.is_file() else None
     config = {"runtimes": runtimes, "batch_sizes": batches, "threads": threads, "warmup": profile_cfg.warmup,
               "runs": profile_cfg.runs, "allow_busy": profile_cfg.allow_busy,
-              "max_other_load": profile_cfg.max_other_load, "peak_memory": profile_cfg.peak_memory}
+              "max_other_load": profile_cfg.max_other_load, "strict_timing": profile_cfg.strict_timing,
+              "peak_memory": profile_cfg.peak_memory}
     return provenance.make("profile", config, inputs)
 
 

@@ -46,8 +46,10 @@ def _facts(report: dict[str, Any], name: str) -> str:
     """Speed, size and accuracy of one model in a phrase, on the constraint's runtime."""
     row, c = report["models"][name], report["constraints"]
     fig = latency_of(row, c["runtime"], c["batch"])
-    speed = (f"{_ms(fig['median'])} ms median ({c['runtime']}{' int8' if row.get('quantised_from') else ''}, "
-             f"batch {c['batch']}, {fig['threads']} threads)" if fig else f"latency on {c['runtime']} not measured")
+    load = f", {fig['under_load']}" if fig and fig.get("under_load") else ""
+    precision = "int8" if row.get("quantised_from") else "fp32"
+    speed = (f"{_ms(fig['median'])} ms median on {c['runtime']} ({precision}, batch {c['batch']}, "
+             f"{fig['threads']} threads{load})" if fig else f"latency on {c['runtime']} not measured")
     test = row["test"]
     return (f"{speed}, {_m(row.get('params'))} params, {_m(row.get('macs'))} MACs, "
             f"test AUROC {_with_ci(test, 'auroc')}, recall {_f(test.get('recall'))} at threshold {row['threshold']:.3g}")
@@ -59,7 +61,8 @@ def _against_teacher(report: dict[str, Any], name: str) -> str:
     if "teacher" not in rows or name == "teacher":
         return ""
     t, s = rows["teacher"], rows[name]
-    ft, fs = latency_of(t, c["runtime"], c["batch"]), latency_of(s, c["runtime"], c["batch"])
+    teacher_runtime = "onnx" if c["runtime"] == "onnx_int8" else c["runtime"]  # the fp32 teacher has no int8 figure
+    ft, fs = latency_of(t, teacher_runtime, c["batch"]), latency_of(s, c["runtime"], c["batch"])
     pairs = {"latency": (fs and fs["median"], ft and ft["median"]), "params": (s.get("params"), t.get("params")),
              "MACs": (s.get("macs"), t.get("macs"))}
     parts = [f"{what} {mine / theirs:.3g}x" for what, (mine, theirs) in pairs.items() if mine and theirs]
@@ -90,13 +93,14 @@ def verdict(report: dict[str, Any]) -> str:
     if deployed is None:
         return f"**NO VERDICT**: {c.get('why', 'nothing to deploy')}."
     name, checks = deployed["model"], c["checks"]
+    label = f"{name} on {deployed.get('runtime', c['runtime'])}"
     tail = f"{_facts(report, name)}{_against_teacher(report, name)}."
     if not checks:
-        return f"**NO CONSTRAINTS SET** (add `constraints:` to the config for a pass/fail): {name} (deployed): {tail}"
+        return f"**NO CONSTRAINTS SET** (add `constraints:` to the config for a pass/fail): {label} (deployed): {tail}"
     if c["passed"]:
-        return f"**PASS**: {name} (deployed) meets all {len(checks)} constraints: {tail}"
+        return f"**PASS**: {label} (deployed) meets all {len(checks)} constraints: {tail}"
     failing = [ch for ch in checks if ch["passed"] is not True]
-    return (f"**FAIL**: {name} (deployed) misses {len(failing)} of {len(checks)} constraints: "
+    return (f"**FAIL**: {label} (deployed) misses {len(failing)} of {len(checks)} constraints: "
             f"{'; '.join(_failure(ch) for ch in failing)}. {tail}")
 
 
@@ -114,13 +118,21 @@ def _latency_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
 def _models_section(report: dict[str, Any]) -> str:
     rows, deployed = report["models"], (report.get("deployed") or {}).get("model")
     columns = _latency_columns(rows)
-    header = ["model", "arch", "learned from", "params", "MACs", *[f"{k} (ms)" for k in columns], "size (MB)",
-              "AUROC [95% CI]", "F1 [95% CI]", "recall", "threshold"]
-    body = []
+    batch = report["constraints"]["batch"]
+    header = ["model", "arch", "learned from", "params", "MACs", *[f"{k} (ms)" for k in columns],
+              f"fastest b{batch}", "size (MB)", "AUROC [95% CI]", "F1 [95% CI]", "recall", "threshold"]
+    body, loaded = [], []
     for name, r in rows.items():
-        lat = [_ms((r["latency_ms"].get(k) or {}).get("median")) for k in columns]
+        lat = []
+        for k in columns:
+            figure = r["latency_ms"].get(k) or {}
+            lat.append(_ms(figure.get("median")) + (" †" if figure.get("under_load") else ""))
+            if figure.get("under_load"):
+                loaded.append(f"{name} {k}: {figure['under_load']}")
+        fastest = (r.get("fastest") or {}).get(f"b{batch}")
         body.append([f"**{name}** (deployed)" if name == deployed else name, f"{r['arch']} @{r['img_size']}px",
                      _learned(r.get("learned_from")), _m(r.get("params")), _m(r.get("macs")), *lat,
+                     fastest["runtime"] if fastest else _DASH,
                      _f(r.get("size_mb"), 2),
                      _with_ci(r["test"], "auroc"), _with_ci(r["test"], "f1"), _f(r["test"].get("recall")),
                      f"{r['threshold']:.4g}"])
@@ -129,16 +141,24 @@ def _models_section(report: dict[str, Any]) -> str:
     settings = prof.get("settings")
     if settings:
         text += (f"\n\nLatency: median ms per batch of {settings['runs']} timed runs after {settings['warmup']} "
-                 f"warm-up, {settings['threads']} thread(s) (PyTorch intra-op and ONNX Runtime intra-op), on "
-                 f"{machine.get('cpu')}; torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}. "
+                 f"warm-up, {settings['threads']} thread(s) (PyTorch intra-op, ONNX Runtime intra-op, OpenVINO "
+                 f"inference threads), on {machine.get('cpu')}; torch {machine.get('torch')}, onnxruntime "
+                 f"{machine.get('onnxruntime')}"
+                 + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
+                 + ". "
                  + (f"CUDA runtimes on {machine['gpu']}. " if machine.get("gpu") else "")
                  + "p90, spread and images/s are in report.json. Runtime names: `<runtime>_b<batch>`; the int8 "
                  "model runs only in ONNX Runtime (`onnx_int8`).")
         text += f"\n\nMACs: {prof.get('macs_note')}. Size: the ONNX file where exported, else the safetensors file."
-    loads = [v.get("other_cpu_load") or 0.0 for r in rows.values() for v in r["latency_ms"].values()]
-    if settings and settings.get("allow_busy") and max(loads, default=0.0) > settings.get("max_other_load", 0.25):
-        text += (f"\n\n**Measured on a busy CPU** (profile.allow_busy): other processes used up to "
-                 f"{max(loads):.2f} cores while timing, so these latencies are inflated and not comparable.")
+    if loaded:
+        text += ("\n\n† No quiet window came (other processes kept more than "
+                 f"{(settings or {}).get('max_other_load', 0.25)} cores busy), so these figures were measured anyway "
+                 "and are inflated, not comparable with the others: " + "; ".join(loaded) + ".")
+    checked = [f"{n} on {rt}: max |Δp| {ch['max_abs_diff_prob']:.1e}, {100 * ch['agreement']:.1f}% same decisions"
+               for n, r in rows.items() for rt, ch in (r.get("runtime_checks") or {}).items()]
+    if checked:
+        text += ("\n\nChecked against PyTorch on test images (export/verify.json; an int8 model against the fp32 "
+                 "PyTorch model): " + "; ".join(checked) + ".")
     skipped = {f"{n} {k}": why for n, r in rows.items() for k, why in (r.get("latency_skipped") or {}).items()}
     if skipped:
         text += "\n\nNo figure for: " + "; ".join(f"{k}: {why}" for k, why in skipped.items()) + "."
@@ -167,7 +187,8 @@ def _constraints_section(report: dict[str, Any]) -> str:
     c, deployed = report["constraints"], report.get("deployed")
     if deployed is None:
         return f"## Constraints\n\nNot checked: {c.get('why')}."
-    text = f"## Constraints (deployed: {deployed['model']})\n\nChosen as {deployed['why']}.\n\n"
+    text = (f"## Constraints (deployed: {deployed['model']} on {deployed.get('runtime', c['runtime'])})\n\n"
+            f"Chosen as {deployed['why']}.\n\n")
     if not c["checks"]:
         return text + "No constraint is set (`constraints:` in the config), so nothing is checked."
     body = [[ch["name"], f"{ch['op']} {_amount(ch['name'], ch['limit'])}", _amount(ch["name"], ch["value"]),

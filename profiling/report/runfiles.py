@@ -7,7 +7,7 @@ is a :class:`UserError` naming the file and what would fix it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class ModelRun:
     stored_test: dict[str, Any] | None  # the test metrics saved at training time, to cross-check
     quantised_from: str | None = None  # int8: the fp32 model it was made from
     learned_from: dict[str, int] | None = None  # labeled and unlabeled training images (meta.json)
+    #: Its outputs on each runtime checked against PyTorch's on test images (export/verify.json):
+    #: ``{"onnx": {...}, "openvino": {...}}``, ``{"onnx_int8": {...}}`` for an int8 model.
+    runtime_checks: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,19 @@ def _int8_run(run: RunDir, verify: dict[str, Any], models: dict[str, ModelRun]) 
         stored_test=int8.get("test"),
         quantised_from=int8["from"],
         learned_from=source.learned_from,
+        runtime_checks={"onnx_int8": int8["vs_fp32_torch"]} if int8.get("vs_fp32_torch") else None,
     )
+
+
+def _runtime_checks(verify: dict[str, Any], name: str) -> dict[str, dict[str, Any]] | None:
+    """What export/verify.json says about ``name`` on ONNX Runtime (and OpenVINO, where it ran)."""
+    entry = (verify.get("models") or {}).get(name)
+    if not entry:
+        return None
+    checks = {"onnx": {k: v for k, v in entry.items() if k not in ("onnx", "openvino")}}
+    if entry.get("openvino"):
+        checks["openvino"] = entry["openvino"]
+    return checks
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -110,7 +125,9 @@ def read_run(run_dir: str | Path) -> RunFiles:
         raise UserError(f"'{run.root}' holds no finished model (no <model>/meta.json for any of "
                         f"{', '.join(MODELS)}); run the pipeline first")
     if run.verify.is_file():
-        int8 = _int8_run(run, read_json(run.verify), models)
+        verify = read_json(run.verify)
+        models = {n: replace(m, runtime_checks=_runtime_checks(verify, n)) for n, m in models.items()}
+        int8 = _int8_run(run, verify, models)
         if int8 is not None:
             models[int8.name] = int8
     return RunFiles(
