@@ -10,6 +10,11 @@ int8 copy: of those two, the fastest that meets every constraint on the constrai
 choice reads the quality bounds on *validation*, like the threshold: choosing on test would make
 the test figures of the chosen model optimistic. The report then shows the chosen model's checks
 on test.
+
+With ``data.tiles`` a line judges whole images, so both the choice and the checks read the image
+level (``row["image"]``: each image scored by its worst tile, at the image-level threshold), and a
+latency is that of one image: ``constraints.batch`` images, all their tiles in one batch
+(``tiles_per_image`` x batch).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from profiling.report.config import ConstraintsConfig
 from profiling.cost.profile_model import latency_key
 
-__all__ = ["check_model", "choose_deployed", "deploy_candidates", "latency_of", "runtime_for"]
+__all__ = ["batch_of", "check_model", "choose_deployed", "deploy_candidates", "latency_of", "runtime_for"]
 
 _INT8_RUNTIME = "onnx_int8"
 
@@ -36,10 +41,16 @@ def runtime_for(row: dict[str, Any], runtime: str) -> str | None:
     return _INT8_RUNTIME if runtime in ("onnx", _INT8_RUNTIME) else None
 
 
+def batch_of(row: dict[str, Any], batch: int) -> int:
+    """The model's inputs per forward pass for ``batch`` images: ``batch`` x its tiles per image."""
+    return batch * int(row.get("tiles_per_image") or 1)
+
+
 def latency_of(row: dict[str, Any], runtime: str, batch: int) -> dict[str, Any] | None:
-    """The model's latency record (median, p90, threads, device) on ``runtime`` at ``batch``, if measured."""
+    """The model's latency record (median, p90, threads, device) on ``runtime`` for ``batch`` images
+    (of a tiled model: all their tiles in one batch), if measured."""
     actual = runtime_for(row, runtime)
-    return None if actual is None else (row.get("latency_ms") or {}).get(latency_key(actual, batch))
+    return None if actual is None else (row.get("latency_ms") or {}).get(latency_key(actual, batch_of(row, batch)))
 
 
 def _number(value: Any) -> float | None:
@@ -61,20 +72,23 @@ def _check(name: str, op: str, limit: float, value: Any, what: str, missing: str
 def _latency_check(row: dict[str, Any], c: ConstraintsConfig) -> dict[str, Any]:
     actual = runtime_for(row, c.runtime)
     figure = latency_of(row, c.runtime, c.batch)
-    key = latency_key(actual or c.runtime, c.batch)
+    key = latency_key(actual or c.runtime, batch_of(row, c.batch))
     if actual is None:
         missing = f"an int8 model runs only in ONNX Runtime, not on '{c.runtime}'"
     else:
         missing = (row.get("latency_skipped") or {}).get(key) or "not measured (no profile.json, or runtime not profiled)"
-    what = f"median ms, {key}" + (f", {figure['threads']} threads, {figure['device']}" if figure else "")
+    per_image = f" (one image: {row['tiles_per_image']} tiles per batch)" if row.get("tiles_per_image") else ""
+    what = f"median ms, {key}{per_image}" + (f", {figure['threads']} threads, {figure['device']}" if figure else "")
     return _check("max_latency_ms", "<=", c.max_latency_ms, figure and figure.get("median"), what, missing)
 
 
 def check_model(row: dict[str, Any], c: ConstraintsConfig, split: str = "test") -> list[dict[str, Any]]:
     """One check per bound set in ``c``, for one report row (cost fields, and the quality metrics of
     ``split``: ``test`` for what is reported, ``val`` for choosing)."""
-    test = (row.get("splits") or {}).get(split) if split != "test" else row.get("test")
+    level = row.get("image") or row  # a tiled model is judged on whole images
+    test = (level.get("splits") or {}).get(split) if split != "test" else level.get("test")
     test = test or {}
+    split = f"image-level {split}" if row.get("image") else split
     checks = []
     if c.max_latency_ms is not None:
         checks.append(_latency_check(row, c))

@@ -35,6 +35,12 @@ class ModelRun:
     stored_test: dict[str, Any] | None  # the test metrics saved at training time, to cross-check
     quantised_from: str | None = None  # int8: the fp32 model it was made from
     learned_from: dict[str, int] | None = None  # labeled and unlabeled training images (meta.json)
+    #: With data.tiles: ``splits`` are the labelled tiles, these each image (its worst tile's score),
+    #: with the image-level threshold and the image test metrics saved at training time.
+    image_splits: dict[str, SplitScores] | None = None
+    image_threshold: float | None = None
+    image_stored_test: dict[str, Any] | None = None
+    tiles: dict[str, Any] | None = None  # the tiling (meta.json ``tiles``): grid/size, overlap, tiles per image
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ def _read_config(run: RunDir) -> dict[str, Any]:
 
 def _model_run(run: RunDir, name: str, eval_cfg: EvalConfig) -> ModelRun:
     meta = read_json(run.meta(name))
+    image = meta.get("image") if meta.get("tiles") else None
     return ModelRun(
         name=name,
         arch=meta.get("arch", "?"),
@@ -76,6 +83,10 @@ def _model_run(run: RunDir, name: str, eval_cfg: EvalConfig) -> ModelRun:
         splits=read_predictions(run.predictions(name)),
         stored_test=(meta.get("metrics") or {}).get("test"),
         learned_from=meta.get("learned_from"),
+        image_splits=read_predictions(run.image_predictions(name)) if image else None,
+        image_threshold=image.get("threshold") if image else None,
+        image_stored_test=((image or {}).get("metrics") or {}).get("test"),
+        tiles=meta.get("tiles"),
     )
 
 
@@ -95,6 +106,10 @@ def _int8_run(run: RunDir, verify: dict[str, Any], models: dict[str, ModelRun]) 
         stored_test=int8.get("test"),
         quantised_from=int8["from"],
         learned_from=source.learned_from,
+        image_splits=read_predictions(run.int8_image_predictions(int8["from"])) if source.tiles else None,
+        image_threshold=(int8.get("image") or {}).get("threshold"),
+        image_stored_test=(int8.get("image") or {}).get("test"),
+        tiles=source.tiles,
     )
 
 
