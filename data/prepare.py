@@ -153,7 +153,8 @@ class PreparedData(TileAccess):
             return self.loader(split, size, batch_size, train=train, views=views, teacher_size=teacher_size,
                                num_replicas=num_replicas, rank=rank, epoch_length=epoch_length)
         splits = (split,) if isinstance(split, str) else tuple(split)
-        if len(splits) != 1 or splits[0] == UNLABELED:
+        splits = tuple(sp for sp in splits if sp != UNLABELED)  # a tiled run has no unlabeled images (refused)
+        if len(splits) != 1:
             raise ValueError(f"tiles are loaded one labelled split at a time, not {splits} "
                              "(data.tiles does not combine with unlabeled images)")
         return self.tile_loader(splits[0], size, batch_size, train=train, include_excluded=every_tile and not train,

@@ -90,7 +90,8 @@ def _int8(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str
     test = binary_metrics(outputs["test"].probs, outputs["test"].labels, choice.threshold)
     check = verify_onnx(int8_path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
     ctx.log(f"[export] {int8_path}: test AUROC {test['auroc']:.4f} (fp32 {meta['metrics']['test']['auroc']:.4f}), "
-            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test images")
+            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test {'tiles' if ctx.data.tiled else 'images'}"
+            + (f"; images (worst tile): test AUROC {image['test']['auroc']:.4f}" if image is not None else ""))
     return {"model": f"{name}_int8", "onnx": int8_path.name, "from": name, "threshold": choice.threshold,
             "test": test, "vs_fp32_torch": check, **({"image": image} if image is not None else {})}
 
@@ -122,7 +123,8 @@ def export_stage(ctx: Context) -> dict[str, Any]:
         results["models"][name] = {"onnx": path.name, **check}
         exported[name] = (path, model, meta)
         ctx.log(f"[export] {path}: max |p_onnx - p_torch| {check['max_abs_diff_prob']:.2e}, "
-                f"decisions agree on {100 * check['agreement']:.1f}% of {check['n']} test images")
+                f"decisions agree on {100 * check['agreement']:.1f}% of {check['n']} test "
+                f"{'tiles' if ctx.data.tiled else 'images'}")
     deployed = next((n for n in DEPLOY_ORDER if n in exported), None)
     if cfg.export.int8 and deployed is not None:
         results["int8"] = _int8(ctx, deployed, *exported[deployed])

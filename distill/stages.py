@@ -404,7 +404,7 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
         if provenance.compare(saved, record).same:
             return cache
     ctx.log(f"[distill] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
-            f"{len(train_loader.dataset)} training images")
+            f"{len(train_loader.dataset)} training {'tiles' if ctx.data.tiled else 'images'}")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
                                 batch_size=64, precision=precision_for(ctx.device, ctx.cfg.teacher.amp))
     if ctx.dist.is_main:  # under torchrun every rank computes the same cache; one writes it

@@ -132,7 +132,7 @@ def choose_deployed(rows: dict[str, dict[str, Any]], c: ConstraintsConfig) -> di
         return None
     checks = {n: check_model(rows[n], c, "val") for n in candidates}
     passing = [n for n in candidates if all(ch["passed"] is True for ch in checks[n])]
-    where = latency_key(c.runtime, c.batch)
+    where = latency_key(c.runtime, batch_of(rows[candidates[0]], c.batch))
 
     def speed_text(name: str) -> str:
         s = _speed(rows[name], c)
