@@ -51,7 +51,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, measures nothing")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--models", default="teacher,student_baseline", help="teacher and/or student_baseline")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every model in both arms (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every model in both arms (default: the recipe's)")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
     return p.parse_args()
 
@@ -92,7 +93,8 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def tables(results: dict[tuple[int, str], dict[str, dict]], seeds: list[int], models: list[str]) -> tuple[str, list[str]]:
+def tables(results: dict[tuple[int, str], dict[str, dict]], seeds: list[int],
+           models: list[str]) -> tuple[str, list[str]]:
     rows, verdicts = [], []
     for name in models:
         for arm in ARMS:
@@ -140,7 +142,8 @@ def main() -> int:
         f"{syn.num_val} val / {syn.num_test} test images ({syn.defect_ratio:.0%} defects); the same images in both "
         f"arms. `resized`: the whole image resized to the model's input; `tiles`: grid {list(tiles.grid)} with overlap "
         f"{tiles.overlap}, a tile a defect when it holds {tiles.min_box_fraction} of a defect box, the image scored by "
-        f"its worst tile. Models from `{CONFIG}` ({cfg.teacher.arch} teacher from scratch at {cfg.teacher.img_size} px, "
+        f"its worst tile. Models from `{CONFIG}` ({cfg.teacher.arch} teacher from scratch at "
+        f"{cfg.teacher.img_size} px, "
         f"{cfg.student.arch} from scratch at {cfg.student.img_size} px), the same epochs in both arms (the tiled arm "
         f"makes one update per tile: {tiles.grid[0] * tiles.grid[1]}x as many); seeds {seeds}. Image AUROC is "
         "threshold-free; F1 at the threshold chosen on validation images.",

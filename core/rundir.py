@@ -35,7 +35,8 @@ from core.errors import UserError
 from core.files import atomic_write_text
 
 __all__ = [
-    "CONFIG", "META", "WEIGHTS", "PREDICTIONS", "IMAGE_PREDICTIONS", "RECORD", "CHECKPOINT", "MODELS", "DEPLOY_ORDER", "STAGES",
+    "CONFIG", "META", "WEIGHTS", "PREDICTIONS", "IMAGE_PREDICTIONS", "RECORD", "CHECKPOINT", "MODELS", "DEPLOY_ORDER",
+    "STAGES",
     "STAGE_OF", "STAGE_OUTPUTS", "PREDICTION_COLUMNS", "RunDir", "SplitScores", "is_model_dir", "read_json",
     "predictions_text", "read_predictions",
 ]

@@ -59,7 +59,8 @@ def tiling_of(meta: dict[str, Any], source: str | Path) -> Tiling | None:
     return Tiling(cfg, None if threshold is None else float(threshold), t.get("tiles_per_image"))
 
 
-def cut(pixels: np.ndarray, tiling: Tiling, size: int, *, name: str = "the image") -> tuple[list[Rect], list[np.ndarray]]:
+def cut(pixels: np.ndarray, tiling: Tiling, size: int, *,
+        name: str = "the image") -> tuple[list[Rect], list[np.ndarray]]:
     """The tiles of a uint8 H,W,3 image at full resolution, each resized to ``size`` (uint8)."""
     h, w = pixels.shape[:2]
     rects = tile_rects(w, h, tiling.cfg, image=name)

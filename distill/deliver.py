@@ -75,7 +75,8 @@ def _int8(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str
     cfg, run = ctx.cfg, ctx.run
     calib = _normalised(ctx, model, "train", limit=cfg.export.calibration_images).numpy()
     int8_path = quantize_int8(path, run.onnx(name, int8=True), calib)
-    outputs, images = levels(ctx.data, {sp: _onnx_outputs(ctx, int8_path, model, sp) for sp in ("train", "val", "test")})
+    outputs, images = levels(ctx.data, {sp: _onnx_outputs(ctx, int8_path, model, sp)
+                                        for sp in ("train", "val", "test")})
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     changes: dict[str, Any] = {"model": f"{name}_int8", "threshold": choice.threshold}
     image: dict[str, Any] | None = None
@@ -90,7 +91,8 @@ def _int8(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str
     test = binary_metrics(outputs["test"].probs, outputs["test"].labels, choice.threshold)
     check = verify_onnx(int8_path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
     ctx.log(f"[export] {int8_path}: test AUROC {test['auroc']:.4f} (fp32 {meta['metrics']['test']['auroc']:.4f}), "
-            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test {'tiles' if ctx.data.tiled else 'images'}"
+            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test "
+            f"{'tiles' if ctx.data.tiled else 'images'}"
             + (f"; images (worst tile): test AUROC {image['test']['auroc']:.4f}" if image is not None else ""))
     return {"model": f"{name}_int8", "onnx": int8_path.name, "from": name, "threshold": choice.threshold,
             "test": test, "vs_fp32_torch": check, **({"image": image} if image is not None else {})}

@@ -50,7 +50,7 @@ from training.modeling import Classifier, load_model, save_artifact
 
 __all__ = ["Context", "StaleWarning", "teacher_stage", "student_stage", "baseline_stage", "finish", "stage_record",
            "check_finished_stages", "begin", "finished_or_none", "learned_from", "levels", "image_outputs",
-           "tiling_meta", "write_levels"]
+           "image_level", "tiling_meta", "write_levels"]
 
 
 @dataclass
@@ -226,7 +226,9 @@ def tiling_meta(data: PreparedData) -> dict[str, Any]:
             "tiles_per_image": per_image}
 
 
-def _image_level(images: dict[str, EvalOutput], rule: str) -> dict[str, Any]:
+def image_level(images: dict[str, EvalOutput], rule: str) -> dict[str, Any]:
+    """``meta.json`` ``image`` of a tiled model: the image threshold ``rule`` picks from the
+    validation images' scores (never test), and every split's image metrics at it."""
     choice = choose_threshold(images["val"].probs, images["val"].labels, rule)
     return {"threshold": choice.threshold, "threshold_rule": rule,
             "threshold_on_val": {"recall": choice.recall, "specificity": choice.specificity, "f1": choice.f1},
@@ -259,7 +261,7 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, A
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     metrics = {sp: binary_metrics(out.probs, out.labels, choice.threshold) for sp, out in outputs.items()}
     tiled = {} if images is None else {"unit": "tile", "tiles": tiling_meta(ctx.data),
-                                       "image": _image_level(images, cfg.eval.threshold)}
+                                       "image": image_level(images, cfg.eval.threshold)}
     meta = {
         "stage": stage_dir.name,
         "threshold": choice.threshold,
@@ -285,7 +287,8 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, A
         image = tiled["image"]
         test = image["metrics"]["test"]
         ctx.log(f"[{stage_dir.name}] images (worst tile): test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}  "
-                f"recall {test['recall']:.4f} at threshold {image['threshold']:.4f} ({cfg.eval.threshold} on val images)")
+                f"recall {test['recall']:.4f} at threshold {image['threshold']:.4f} "
+                f"({cfg.eval.threshold} on val images)")
     return meta
 
 

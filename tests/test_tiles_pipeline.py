@@ -24,7 +24,7 @@ from deploy.predict import main as predict_main
 from deploy.runtime import defect_probability, onnx_session
 from deploy.tiled import tiling_of
 from distill.run import main as run_main
-from distill.stages import _image_level, image_outputs, levels
+from distill.stages import image_level, image_outputs, levels
 from profiling.report.thresholds import choose_threshold
 from training.engine import EvalOutput
 from training.modeling import Classifier, save_artifact
@@ -104,13 +104,14 @@ def test_worst_tiles_points_at_the_first_maximum() -> None:
 def test_the_image_threshold_is_chosen_on_validation_images_only(part) -> None:
     outputs = _fake_outputs(part, seed=3)
     _, images = levels(part, outputs)
-    level = _image_level(images, "f1")
+    level = image_level(images, "f1")
     assert level["threshold"] == choose_threshold(images["val"].probs, images["val"].labels, "f1").threshold
     # Other test scores change the test metrics, never the threshold.
     shuffled = dict(outputs, test=EvalOutput(-outputs["test"].logits, outputs["test"].labels, outputs["test"].index))
-    again = _image_level(levels(part, shuffled)[1], "f1")
+    again = image_level(levels(part, shuffled)[1], "f1")
     assert again["threshold"] == level["threshold"]
-    assert set(level["metrics"]) == {"train", "val", "test"} and level["metrics"]["test"]["n"] == len(part.split("test"))
+    assert set(level["metrics"]) == {"train", "val", "test"}
+    assert level["metrics"]["test"]["n"] == len(part.split("test"))
 
 
 def _tiny_net(size: int) -> torch.nn.Module:

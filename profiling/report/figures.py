@@ -50,7 +50,8 @@ def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE
         if tile is not None:  # a tile row: its crop of the parent image (a synthetic parent needs its own label)
             if parents is None:
                 manifest = RunDir(files.run_dir).manifest
-                parents = {s.path: s.label for s in read_manifest(manifest) if not s.is_tile} if manifest.is_file() else {}
+                parents = ({s.path: s.label for s in read_manifest(manifest) if not s.is_tile}
+                           if manifest.is_file() else {})
             out.append(_tile(cfg, seed, path[:tile.start()], tuple(int(v) for v in tile.groups()), parents, size))
             continue
         synthetic = cfg.synthetic if path.startswith("synthetic:") else None

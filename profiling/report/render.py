@@ -170,7 +170,8 @@ def _images_section(report: dict[str, Any]) -> str:
         body.append([f"**{name}** (deployed)" if name == deployed else name, _f((im.get("val") or {}).get("auroc")),
                      _with_ci(im["test"], "auroc"), _with_ci(im["test"], "f1"), _f(im["test"].get("recall")),
                      _f(im["test"].get("specificity")), f"{im['threshold']:.4g}",
-                     "yes" if im["threshold_check"]["agrees"] else "**no**", _ms(lat.get("tile")), _ms(lat.get("image"))])
+                     "yes" if im["threshold_check"]["agrees"] else "**no**", _ms(lat.get("tile")),
+                     _ms(lat.get("image"))])
     header = ["model", "val AUROC", "test AUROC [95% CI]", "test F1 [95% CI]", "test recall", "test specificity",
               "image threshold", "re-chosen on val agrees", f"{c['runtime']} ms per tile", f"ms per image ({n} tiles)"]
     return ("## Whole images (each image's score: its worst tile)\n\n"
@@ -280,7 +281,8 @@ def _data_section(report: dict[str, Any]) -> str:
                    str(c["defect_images_without_defect_tile"])] for sp, c in tiles["counts"].items()]
         cfg = tiles["config"]
         how = f"grid {cfg['grid']}" if cfg.get("grid") else f"{cfg['size']} px tiles"
-        pool += (f"\n\nTiles ({how}, overlap {cfg['overlap']}, {tiles['tiles_per_image']['max']} per image; a tile is a "
+        pool += (f"\n\nTiles ({how}, overlap {cfg['overlap']}, {tiles['tiles_per_image']['max']} per image; "
+                 "a tile is a "
                  f"defect when it holds at least {cfg['min_box_fraction']} of a defect box, a sliver when it holds "
                  "less: scored, never trained on):\n\n"
                  + _table(["split", "normal tiles", "defect tiles", "slivers", "defect images without a defect tile"],
