@@ -1,6 +1,7 @@
 """Whole-part images: the whole frame resized to the model's size, against tiles and the worst tile.
 
     python -m benchmarks.bench_tiles [--quick] [--seeds 0,1,2] [--models teacher,student_baseline] [--epochs N]
+                                     [--config configs/part_tiles_lite0.yaml]
 
 The synthetic ``part`` view of ``configs/part_tiles.yaml`` (the whole part at 256 px, the bead a
 thin line in it). For each seed (it draws the images, every initialisation and every batch) and
@@ -18,8 +19,14 @@ image-level test AUROC (threshold-free); image F1 at the threshold chosen on val
 is beside it. Target: tiling >= 0.95 image AUROC where the resized image stays near chance
 (<= 0.65).
 
-Models are finished pipeline stages under ``benchmarks/out/bench_tiles/``: an interrupted
-benchmark resumes where it stopped; ``--fresh`` starts over.
+``--config configs/part_tiles_lite0.yaml`` puts the pretrained EfficientNet-Lite0 teacher in the
+teacher's place (the same images and tiles).
+
+Models are finished pipeline stages under ``benchmarks/out/bench_tiles/`` (one folder per config):
+an interrupted benchmark resumes where it stopped; ``--fresh`` starts over. Expected wall time on
+the 2-core machine with nothing else running: about 4-5 min per seed for the default config (the
+tiled arm dominates: 16 tiles per image), so 12-15 min for three seeds; the Lite0 config is slower
+(its teacher is ~4x the ViT's MACs), roughly twice that. (``--quick``: ~2 min.)
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--models", default="teacher,student_baseline", help="teacher and/or student_baseline")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every model in both arms (default: the recipe's)")
+    p.add_argument("--config", type=Path, default=CONFIG, help=f"the recipe (default {CONFIG})")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
     return p.parse_args()
 
@@ -70,7 +78,7 @@ def _overrides(args: argparse.Namespace, root: Path, seed: int, arm: str) -> lis
 def run_arm(args: argparse.Namespace, root: Path, seed: int, arm: str, models: list[str], log) -> dict[str, dict]:
     """The models of one (seed, arm): image-level test metrics (and tile-level ones), seconds trained."""
     run_dir = root / f"seed{seed}" / arm
-    cfg = load_config(CONFIG, _overrides(args, root, seed, arm))
+    cfg = load_config(args.config, _overrides(args, root, seed, arm))
     data = prepare_data(cfg.data, run_dir / "data", seed)
     ctx = Context(cfg, run_dir, data, pick_device("cpu"), log)
     out = {}
@@ -125,7 +133,7 @@ def main() -> int:
         raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(STAGES)}")
     if args.quick:
         seeds = seeds[:1]
-    root = OUT / ("bench_tiles_quick" if args.quick else "bench_tiles")
+    root = OUT / ("bench_tiles_quick" if args.quick else "bench_tiles") / args.config.stem
     if args.fresh and root.exists():
         shutil.rmtree(root)
     # AUROCs do not depend on the CPU load (only the wall time does): no need to wait for an idle CPU.
@@ -135,15 +143,15 @@ def main() -> int:
     watch, t0 = LoadWatch(), time.perf_counter()
     results = {(s, arm): run_arm(args, root, s, arm, models, print) for s in seeds for arm in ARMS}
     table, verdicts = tables(results, seeds, models)
-    cfg = load_config(CONFIG, _overrides(args, root, seeds[0], "tiles"))
+    cfg = load_config(args.config, _overrides(args, root, seeds[0], "tiles"))
     syn, tiles = cfg.data.synthetic, cfg.data.tiles
     body = "\n".join([
         f"Synthetic {syn.view} view at {syn.image_size} px, severity {list(syn.severity)}, {syn.num_train} training / "
         f"{syn.num_val} val / {syn.num_test} test images ({syn.defect_ratio:.0%} defects); the same images in both "
         f"arms. `resized`: the whole image resized to the model's input; `tiles`: grid {list(tiles.grid)} with overlap "
         f"{tiles.overlap}, a tile a defect when it holds {tiles.min_box_fraction} of a defect box, the image scored by "
-        f"its worst tile. Models from `{CONFIG}` ({cfg.teacher.arch} teacher from scratch at "
-        f"{cfg.teacher.img_size} px, "
+        f"its worst tile. Models from `{args.config}` ({cfg.teacher.arch} teacher "
+        f"{'from ' + cfg.teacher.weights if cfg.teacher.weights else 'from scratch'} at {cfg.teacher.img_size} px, "
         f"{cfg.student.arch} from scratch at {cfg.student.img_size} px), the same epochs in both arms (the tiled arm "
         f"makes one update per tile: {tiles.grid[0] * tiles.grid[1]}x as many); seeds {seeds}. Image AUROC is "
         "threshold-free; F1 at the threshold chosen on validation images.",
