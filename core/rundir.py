@@ -4,12 +4,14 @@
       config.yaml            the resolved config, as run
       data/                  manifest.csv, report.json, duplicates.json, skipped.csv, stage.json
       teacher/               model.safetensors + meta.json, predictions.csv, stage.json,
-                             last.ckpt (resume), metrics.csv, tb/
+                             last.ckpt (resume), metrics.csv, tb/; with data.tiles predictions.csv
+                             holds the labelled tiles and image_predictions.csv each image (its
+                             worst tile's score)
       student/               the same for the distilled student (+ teacher_cache.safetensors)
       student_baseline/      the same student trained without the teacher
       student_pruned/        the same after pruning; round<k>/ per pruning round
-      export/                <model>.onnx (+ .json), <model>_int8.onnx, <model>_int8_predictions.csv,
-                             verify.json, stage.json
+      export/                <model>.onnx (+ .json), <model>_int8.onnx, <model>_int8_predictions.csv
+                             (+ <model>_int8_image_predictions.csv with tiles), verify.json, stage.json
       profile.json           params, MACs, latency per runtime of every model (with its provenance)
       report.md, report.json, plots/
 
@@ -33,7 +35,8 @@ from core.errors import UserError
 from core.files import atomic_write_text
 
 __all__ = [
-    "CONFIG", "META", "WEIGHTS", "PREDICTIONS", "RECORD", "CHECKPOINT", "MODELS", "DEPLOY_ORDER", "STAGES",
+    "CONFIG", "META", "WEIGHTS", "PREDICTIONS", "IMAGE_PREDICTIONS", "RECORD", "CHECKPOINT", "MODELS", "DEPLOY_ORDER",
+    "STAGES",
     "STAGE_OF", "STAGE_OUTPUTS", "PREDICTION_COLUMNS", "RunDir", "SplitScores", "is_model_dir", "read_json",
     "predictions_text", "read_predictions",
 ]
@@ -41,6 +44,8 @@ __all__ = [
 CONFIG = "config.yaml"
 META, WEIGHTS = "meta.json", "model.safetensors"
 PREDICTIONS = "predictions.csv"
+#: With data.tiles: one row per image, its score the maximum over its tiles (same columns).
+IMAGE_PREDICTIONS = "image_predictions.csv"
 RECORD = "stage.json"
 CHECKPOINT = "last.ckpt"
 
@@ -95,6 +100,10 @@ class RunDir:
     def predictions(self, name: str) -> Path:
         return self.root / name / PREDICTIONS
 
+    def image_predictions(self, name: str) -> Path:
+        """With data.tiles: each image's score (its worst tile) on every split."""
+        return self.root / name / IMAGE_PREDICTIONS
+
     def record(self, stage_dir: str) -> Path:
         return self.root / stage_dir / RECORD
 
@@ -103,6 +112,9 @@ class RunDir:
 
     def int8_predictions(self, name: str) -> Path:
         return self.export / f"{name}_int8_{PREDICTIONS}"
+
+    def int8_image_predictions(self, name: str) -> Path:
+        return self.export / f"{name}_int8_{IMAGE_PREDICTIONS}"
 
     def finished(self, name: str) -> bool:
         """Whether the model directory ``name`` holds a finished model (weights and meta.json)."""

@@ -134,6 +134,37 @@ class PreparedData(TileAccess):
             num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, epoch_length=epoch_length,
         )
 
+    @property
+    def tiled(self) -> bool:
+        """Whether models learn and are scored on tiles (``data.tiles``) rather than whole images."""
+        return self.cfg.tiles is not None
+
+    def unit_loader(self, split: str | tuple[str, ...], size: int, batch_size: int, *, train: bool = False,
+                    views: int | None = None, teacher_size: int | None = None, num_replicas: int = 1,
+                    rank: int = 0, epoch_length: int | None = None, every_tile: bool = False) -> DataLoader:
+        """The loader of what a model learns from and is scored on: the images of a split, or with
+        ``data.tiles`` their tiles (:meth:`tile_loader`). Every stage asks this, never both kinds.
+
+        Tiles: training and the validation that steers training see the labelled tiles only (a
+        sliver has no label); ``every_tile=True`` gives every tile of every image, slivers too
+        (label -1), so that each image's score is the maximum over all its tiles.
+        """
+        if not self.tiled:
+            return self.loader(split, size, batch_size, train=train, views=views, teacher_size=teacher_size,
+                               num_replicas=num_replicas, rank=rank, epoch_length=epoch_length)
+        splits = (split,) if isinstance(split, str) else tuple(split)
+        splits = tuple(sp for sp in splits if sp != UNLABELED)  # a tiled run has no unlabeled images (refused)
+        if len(splits) != 1:
+            raise ValueError(f"tiles are loaded one labelled split at a time, not {splits} "
+                             "(data.tiles does not combine with unlabeled images)")
+        return self.tile_loader(splits[0], size, batch_size, train=train, include_excluded=every_tile and not train,
+                                views=views, num_replicas=num_replicas, rank=rank, teacher_size=teacher_size,
+                                epoch_length=epoch_length)
+
+    def unit_samples(self, split: str, *, every_tile: bool = False) -> list[Sample]:
+        """The rows a :meth:`unit_loader` of ``split`` indexes (its ``index`` field): images, or tiles."""
+        return self.tile_split(split, include_excluded=every_tile) if self.tiled else self.split(split)
+
 
 # ----------------------------------------------------------------------------- sources
 def _synthetic_samples(cfg: DataConfig, seed: int) -> list[Sample]:

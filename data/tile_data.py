@@ -82,8 +82,10 @@ class TileDataset(InspectionDataset):
 
     def __init__(self, tiles: list[Sample], parent_samples: list[Sample], parents: Sequence[int], size: int, *,
                  augment_cfg=None, synthetic: SyntheticConfig | None = None, run_seed: int = 0,
-                 pixels: list[np.ndarray] | None = None, sources: list[np.ndarray] | None = None) -> None:
-        super().__init__(tiles, size, augment_cfg=augment_cfg, run_seed=run_seed, pixels=pixels)
+                 pixels: list[np.ndarray] | None = None, sources: list[np.ndarray] | None = None,
+                 teacher_size: int | None = None, teacher_pixels: list[np.ndarray] | None = None) -> None:
+        super().__init__(tiles, size, augment_cfg=augment_cfg, run_seed=run_seed, pixels=pixels,
+                         teacher_size=teacher_size, teacher_pixels=teacher_pixels)
         if any(t.tile is None for t in tiles):
             raise ValueError("a TileDataset holds tile rows only (Sample.tile set)")
         self.parent_samples = parent_samples
@@ -173,16 +175,21 @@ class TileAccess:
         return [renders[index[t.image]] for t in self.tiles]
 
     def tile_dataset(self, split: str, size: int, *, train: bool = False,
-                     include_excluded: bool | None = None) -> TileDataset:
+                     include_excluded: bool | None = None, teacher_size: int | None = None) -> TileDataset:
         """The tiles of a split at ``size``: augmented and without slivers for training; by default
-        every tile, slivers included (label -1), for evaluation, so each image is scored whole."""
+        every tile, slivers included (label -1), for evaluation, so each image is scored whole.
+        With ``teacher_size`` each item also carries the teacher's own view of the same tile (the
+        crop resized to the teacher's size, same augmentation seed), as for images."""
         include = not train if include_excluded is None else include_excluded
         if train and include:
             raise ValueError("sliver tiles (label -1) are never trained on: include_excluded must be False with train")
         index = self._tile_indices(split, include)
         synthetic = self.cfg.synthetic if self.cfg.source == "synthetic" else None
         cached = self._cached_tile_pixels(size)
-        natives = self._native_sources() if synthetic is not None and cached is None else None
+        t_cached = self._cached_tile_pixels(teacher_size) if teacher_size is not None else None
+        natives = (self._native_sources() if synthetic is not None and (cached is None or
+                                                                       (teacher_size is not None and t_cached is None))
+                   else None)
         by_path = {s.path: s for s in self.samples}
         return TileDataset(
             [self.tiles[k] for k in index], [by_path[self.tiles[k].image] for k in index],
@@ -190,14 +197,15 @@ class TileAccess:
             augment_cfg=self.cfg.augment if train else None, synthetic=synthetic, run_seed=self.seed,
             pixels=[cached[k] for k in index] if cached is not None else None,
             sources=[natives[k] for k in index] if natives is not None else None,
+            teacher_size=teacher_size, teacher_pixels=[t_cached[k] for k in index] if t_cached is not None else None,
         )
 
     def tile_loader(self, split: str, size: int, batch_size: int, *, train: bool = False,
                     include_excluded: bool | None = None, views: int | None = None, num_replicas: int = 1,
-                    rank: int = 0) -> DataLoader:
+                    rank: int = 0, teacher_size: int | None = None, epoch_length: int | None = None) -> DataLoader:
         """Like ``PreparedData.loader``, over :meth:`tile_dataset` (``(index, view_seed)`` keys)."""
         return make_loader(
-            self.tile_dataset(split, size, train=train, include_excluded=include_excluded), batch_size,
-            train=train, seed=self.seed, weighted=train and self.cfg.sampler == "weighted", views=views,
-            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank,
+            self.tile_dataset(split, size, train=train, include_excluded=include_excluded, teacher_size=teacher_size),
+            batch_size, train=train, seed=self.seed, weighted=train and self.cfg.sampler == "weighted", views=views,
+            num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, epoch_length=epoch_length,
         )

@@ -34,7 +34,7 @@ from data.manifest import SPLITS, Sample
 
 __all__ = [
     "EXCLUDED", "Rect", "tile_rects", "pixel_boxes", "label_tile", "tile_id", "make_tiles",
-    "tile_report", "tile_summary_lines", "check_tile_splits", "image_scores",
+    "tile_report", "tile_summary_lines", "check_tile_splits", "image_scores", "worst_tiles",
 ]
 
 #: The label of a tile that holds only a sliver of a defect: left out of training.
@@ -265,4 +265,18 @@ def image_scores(tile_scores: Any, image_ids: Any, num_images: int | None = None
         import torch
 
         return torch.from_numpy(out).to(dtype)
+    return out
+
+
+def worst_tiles(tile_scores: Any, image_ids: Any, num_images: int) -> np.ndarray:
+    """For each image, the position (in ``tile_scores``) of its highest-scoring tile: the tile whose
+    score :func:`image_scores` gives the image (the first such tile on a tie)."""
+    scores = np.asarray(tile_scores.detach().cpu().double().numpy() if hasattr(tile_scores, "detach") else tile_scores,
+                        dtype=np.float64)
+    ids = np.asarray(image_ids.detach().cpu().numpy() if hasattr(image_ids, "detach") else image_ids, dtype=np.int64)
+    best = image_scores(scores, ids, num_images)
+    out = np.full(num_images, -1, dtype=np.int64)
+    for k in range(len(scores) - 1, -1, -1):  # backwards: the first tile of a tie is written last
+        if scores[k] == best[ids[k]]:
+            out[ids[k]] = k
     return out

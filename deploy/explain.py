@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from data import DEFECT
 
-__all__ = ["CamLayer", "target_layer", "gradcam", "overlay"]
+__all__ = ["CamLayer", "target_layer", "gradcam", "overlay", "tile_overlay"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,31 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np
         cam = scale_cam_image(cam[None], (w, h))[0]
     return show_cam_on_image(image.astype(np.float32) / 255.0, np.clip(cam, 0.0, 1.0), use_rgb=True,
                              image_weight=image_weight)
+
+
+def tile_overlay(image: np.ndarray, rects: list[tuple[int, int, int, int]], probs: np.ndarray, worst: int,
+                 cam: np.ndarray | None = None, image_weight: float = 0.6) -> np.ndarray:
+    """A tiled model's view of a whole image (uint8 H,W,3): each tile's probability of defect drawn
+    over it (jet, absolute: 0 blue, 1 red; where tiles overlap, the higher score), its score written
+    in its corner, and inside the worst tile (``worst``, outlined) the Grad-CAM map ``cam`` of that
+    tile (any size; resized to the tile), so the image shows which tile decided and where in it."""
+    from PIL import Image, ImageDraw
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 H,W,3, got {image.dtype} {image.shape}")
+    if len(rects) != len(probs) or not 0 <= worst < len(rects):
+        raise ValueError(f"{len(rects)} tiles, {len(probs)} scores and worst tile {worst} do not match")
+    heat = np.zeros(image.shape[:2], dtype=np.float32)
+    for (x0, y0, x1, y1), p in zip(rects, probs):
+        heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], float(p))
+    out = show_cam_on_image(image.astype(np.float32) / 255.0, np.clip(heat, 0.0, 1.0), use_rgb=True,
+                            image_weight=image_weight)
+    x0, y0, x1, y1 = rects[worst]
+    if cam is not None:
+        out[y0:y1, x0:x1] = overlay(np.ascontiguousarray(image[y0:y1, x0:x1]), cam)
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    for (a, b, _, _), p in zip(rects, probs):
+        draw.text((a + 2, b + 1), f"{float(p):.2f}", fill=(255, 255, 255))
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=max(1, min(image.shape[:2]) // 200))
+    return np.asarray(canvas)

@@ -5,7 +5,10 @@ resizing and mean/std normalisation are left to the caller, whose recipe travels
 model: metadata (decision threshold, class names, input size, mean/std, arch, ...) is written
 into the ONNX file's ``metadata_props`` and into a JSON file beside it (``model.json`` next to
 ``model.onnx``), so inference needs no config. Values are stored as JSON text in the ONNX file,
-so :func:`read_metadata` gives back numbers and lists, not strings.
+so :func:`read_metadata` gives back numbers and lists, not strings. A model trained on tiles
+(``data.tiles``) carries its tiling under ``tiles`` (grid or size, overlap, tiles per image, and the
+image-level threshold: an image is a defect when its worst tile scores at least that), so
+``python -m deploy.predict`` cuts a whole image the same way (:func:`read_tiles`).
 
 Every file is written under a temporary name and renamed into place.
 """
@@ -31,8 +34,8 @@ from core.files import atomic_write
 from deploy.runtime import defect_probability, onnx_logits, onnx_session
 from training.modeling import eval_mode
 
-__all__ = ["INPUT", "OUTPUT", "export_onnx", "update_metadata", "quantize_int8", "read_metadata", "verify_onnx",
-           "verify_openvino"]
+__all__ = ["INPUT", "OUTPUT", "export_onnx", "update_metadata", "quantize_int8", "read_metadata", "read_tiles",
+           "verify_onnx", "verify_openvino"]
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -107,6 +110,12 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise UserError(f"'{path}' has metadata that this project did not write (values are not JSON); "
                         "export it with deploy.export.export_onnx") from None
+
+
+def read_tiles(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The tiling an exported model was trained with (``grid``, ``size``, ``overlap``,
+    ``tiles_per_image``, ``threshold`` at image level), or None for a model of whole images."""
+    return read_metadata(path).get("tiles")
 
 
 def update_metadata(path: str | os.PathLike[str], changes: dict[str, Any]) -> dict[str, Any]:

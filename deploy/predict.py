@@ -16,6 +16,11 @@ Each image is decoded and resized exactly as in training (:func:`data.images.ope
 answer the model was validated for. A file that cannot be decoded becomes a row with its error
 and the rest are still predicted; only a missing model or no images at all stop the command
 (exit status 2, one message, a traceback only with ``--debug``).
+
+A model trained on tiles (``data.tiles``; its metadata says how) cuts each image the same way,
+scores all its tiles as one batch and calls the image by its worst tile, at the image-level
+threshold (:mod:`deploy.tiled`); ``--gradcam`` then draws every tile's score over the image and the
+Grad-CAM map inside the worst tile.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from data import DEFECT, NORMAL
 from data.images import BadImage, open_rgb, square
 from data.yolo import IMAGE_EXTENSIONS
 from deploy.runtime import defect_probability, onnx_metadata, onnx_session
+from deploy.tiled import Tiling, score_image, tiling_of
 
 __all__ = ["Recipe", "Prediction", "deployed_model", "deployed_runtime", "resolve_model", "collect_images",
            "load_backend", "normalise", "predict", "main"]
@@ -61,6 +67,14 @@ class Recipe:
     threshold: float
     class_names: tuple[str, str]
     crop_pct: float = 1.0  # data.crop_pct of the run; 1.0 (its default) when the model does not say
+    tiles: Tiling | None = None  # a model trained on tiles: how it cuts an image (deploy/tiled.py)
+
+    @property
+    def decision_threshold(self) -> float:
+        """The threshold an image's probability is compared with: the image-level one of a tiled model."""
+        if self.tiles is not None and self.tiles.threshold is not None:
+            return self.tiles.threshold
+        return self.threshold
 
 
 @dataclass
@@ -72,6 +86,8 @@ class Prediction:
     decision: str | None = None
     error: str | None = None
     gradcam: str | None = None
+    tiles: int | None = None  # a tiled model: how many tiles the image was cut into
+    worst_tile: str | None = None  # and the one that decided: x0,y0,x1,y1 in the image's pixels
 
 
 class Backend(Protocol):
@@ -139,7 +155,8 @@ def _recipe(meta: dict[str, Any], source: Path, runtime: str, crop_pct: float | 
         raise UserError(f"'{source}' lacks {', '.join(missing)} in its metadata, so it was not made by this "
                         "project's pipeline; give a model directory or .onnx file that python -m distill.run wrote")
     return Recipe(str(source), runtime, int(meta["img_size"]), tuple(meta["mean"]), tuple(meta["std"]),
-                  float(meta["threshold"]), tuple(meta["class_names"]), float(crop_pct or 1.0))
+                  float(meta["threshold"]), tuple(meta["class_names"]), float(crop_pct or 1.0),
+                  tiling_of(meta, source))
 
 
 # ----------------------------------------------------------------------------- runtimes
@@ -369,10 +386,12 @@ def predict(backend: Backend, paths: list[Path], *, threshold: float | None = No
             explainer: TorchBackend | None = None, cam_dir: Path | None = None,
             on_row: Callable[[Prediction], None] | None = None) -> list[Prediction]:
     """One :class:`Prediction` per path, in order; ``on_row`` sees each as soon as it is made."""
-    threshold = backend.recipe.threshold if threshold is None else threshold
+    threshold = backend.recipe.decision_threshold if threshold is None else threshold
     base = Path(os.path.commonpath([p.resolve().parent for p in paths]))
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
+    if backend.recipe.tiles is not None:
+        return _predict_tiled(backend, paths, threshold, explainer, cam_dir, base, on_row)
     rows: list[Prediction] = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         for start in range(0, len(paths), batch_size):
@@ -382,6 +401,39 @@ def predict(backend: Backend, paths: list[Path], *, threshold: float | None = No
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
+    return rows
+
+
+def _predict_tiled(backend: Backend, paths: list[Path], threshold: float, explainer: TorchBackend | None,
+                   cam_dir: Path | None, base: Path, on_row: Callable[[Prediction], None] | None) -> list[Prediction]:
+    """A tiled model: each image cut as in training, its tiles scored as one batch, called by its
+    worst tile; with Grad-CAM, the tile scores over the image and the map inside the worst tile."""
+    recipe, tiling = backend.recipe, backend.recipe.tiles
+    names = recipe.class_names
+
+    def probabilities(tiles: list[np.ndarray]) -> np.ndarray:
+        return defect_probability(backend.logits(normalise(tiles, recipe)))
+
+    rows: list[Prediction] = []
+    for path in paths:
+        scored = score_image(path, tiling, recipe.img_size, probabilities)  # type: ignore[arg-type]
+        if isinstance(scored, str):
+            row = Prediction(str(path), error=scored)
+        else:
+            row = Prediction(str(path), scored.prob, names[DEFECT] if scored.prob >= threshold else names[NORMAL],
+                             tiles=len(scored.rects), worst_tile=",".join(map(str, scored.rects[scored.worst])))
+            if explainer is not None and cam_dir is not None:
+                from PIL import Image
+
+                from deploy.explain import tile_overlay
+
+                cam = explainer.cams(normalise([scored.tiles[scored.worst]], recipe))[0]
+                out = cam_dir / _cam_name(path, base)
+                Image.fromarray(tile_overlay(scored.pixels, scored.rects, scored.probs, scored.worst, cam)).save(out)
+                row.gradcam = str(out)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -405,10 +457,13 @@ def _write(path: Path, rows: list[Prediction], recipe: Recipe, threshold: float)
         return
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "prob_defect", "decision", "threshold", "error", "gradcam"])
+    tiled = recipe.tiles is not None
+    w.writerow(["path", "prob_defect", "decision", "threshold", "error", "gradcam"]
+               + (["tiles", "worst_tile"] if tiled else []))
     for r in rows:
         prob = "" if r.prob_defect is None else f"{r.prob_defect:.6g}"
-        w.writerow([r.path, prob, r.decision or "", threshold, r.error or "", r.gradcam or ""])
+        w.writerow([r.path, prob, r.decision or "", threshold, r.error or "", r.gradcam or ""]
+                   + ([r.tiles or "", r.worst_tile or ""] if tiled else []))
     atomic_write_text(path, buf.getvalue())
 
 
@@ -452,8 +507,9 @@ def _run(args: argparse.Namespace) -> list[Prediction]:
             runtime = None
     backend, explainer = load_backend(model_path, gradcam=args.gradcam is not None, runtime=runtime)
     recipe = backend.recipe
-    threshold = recipe.threshold if args.threshold is None else args.threshold
-    print(f"model {recipe.source} ({recipe.runtime}, {recipe.img_size} px, threshold {threshold:.4g})")
+    threshold = recipe.decision_threshold if args.threshold is None else args.threshold
+    tiles = (f", tiles: {recipe.tiles.describe()}, an image is its worst tile" if recipe.tiles is not None else "")
+    print(f"model {recipe.source} ({recipe.runtime}, {recipe.img_size} px{tiles}, threshold {threshold:.4g})")
     if explainer is not None and explainer is not backend:
         print(f"Grad-CAM from the PyTorch model it was exported from: {explainer.recipe.source}")
     # A bar on a terminal only (disable=None), and only when there is enough to wait for.

@@ -20,9 +20,10 @@ from core import provenance
 from core.files import atomic_write_text
 from core.rundir import DEPLOY_ORDER, RECORD
 from core.schema import to_dict
-from deploy.export import export_onnx, quantize_int8, read_metadata, update_metadata, verify_onnx, verify_openvino
+from deploy.export import (export_onnx, quantize_int8, read_metadata, read_tiles, update_metadata, verify_onnx,
+                           verify_openvino)
 from deploy.runtime import onnx_logits, onnx_session
-from distill.stages import Context, write_split_predictions
+from distill.stages import Context, levels, write_levels
 from profiling.report.quality import binary_metrics
 from profiling.report.thresholds import choose_threshold
 from training.engine import EvalOutput
@@ -34,9 +35,9 @@ _ONNX_META = ("arch", "img_size", "mean", "std", "class_names", "threshold", "th
 
 
 def _normalised(ctx: Context, model: Classifier, split: str, limit: int | None = None) -> torch.Tensor:
-    """Plain (un-augmented) images of a split, as ``model`` sees them: resized and normalised."""
+    """Plain (un-augmented) images (or tiles) of a split, as ``model`` sees them: resized and normalised."""
     out, n = [], 0
-    for images, _, _, _ in ctx.data.loader(split, model.img_size, 64):
+    for images, _, _, _ in ctx.data.unit_loader(split, model.img_size, 64):
         out.append(model.view(images))
         n += len(images)
         if limit is not None and n >= limit:
@@ -46,10 +47,11 @@ def _normalised(ctx: Context, model: Classifier, split: str, limit: int | None =
 
 
 def _onnx_outputs(ctx: Context, path: Path, model: Classifier, split: str) -> EvalOutput:
-    """An ONNX model's logits on a split, in the same form as :func:`training.engine.evaluate`."""
+    """An ONNX model's logits on a split (every tile with data.tiles), in the form of
+    :func:`training.engine.evaluate`."""
     session = onnx_session(path)
     logits, labels, index = [], [], []
-    for images, y, idx, _ in ctx.data.loader(split, model.img_size, 64):
+    for images, y, idx, _ in ctx.data.unit_loader(split, model.img_size, 64, every_tile=True):
         logits.append(torch.from_numpy(onnx_logits(session, model.view(images).numpy())))
         labels.append(y)
         index.append(idx)
@@ -95,16 +97,27 @@ def _int8(ctx: Context, name: str, path: Path, model: Classifier, meta: dict[str
     cfg, run = ctx.cfg, ctx.run
     calib = _normalised(ctx, model, "train", limit=cfg.export.calibration_images).numpy()
     int8_path = quantize_int8(path, run.onnx(name, int8=True), calib)
-    outputs = {sp: _onnx_outputs(ctx, int8_path, model, sp) for sp in ("train", "val", "test")}
+    outputs, images = levels(ctx.data, {sp: _onnx_outputs(ctx, int8_path, model, sp)
+                                        for sp in ("train", "val", "test")})
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
-    update_metadata(int8_path, {"model": f"{name}_int8", "threshold": choice.threshold})
-    write_split_predictions(run.int8_predictions(name), outputs, ctx.data)
+    changes: dict[str, Any] = {"model": f"{name}_int8", "threshold": choice.threshold}
+    image: dict[str, Any] | None = None
+    if images is not None:  # the int8 copy's own image-level threshold, chosen on validation images
+        ichoice = choose_threshold(images["val"].probs, images["val"].labels, cfg.eval.threshold)
+        image = {"threshold": ichoice.threshold,
+                 "test": binary_metrics(images["test"].probs, images["test"].labels, ichoice.threshold)}
+        changes["tiles"] = {**read_tiles(int8_path), "threshold": ichoice.threshold}
+    update_metadata(int8_path, changes)
+    write_levels(run.export, outputs, images, ctx.data, predictions=run.int8_predictions(name),
+                 image_predictions=run.int8_image_predictions(name))
     test = binary_metrics(outputs["test"].probs, outputs["test"].labels, choice.threshold)
     check = verify_onnx(int8_path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
     ctx.log(f"[export] {int8_path}: test AUROC {test['auroc']:.4f} (fp32 {meta['metrics']['test']['auroc']:.4f}), "
-            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test images")
+            f"decisions agree with fp32 on {100 * check['agreement']:.1f}% of test "
+            f"{'tiles' if ctx.data.tiled else 'images'}"
+            + (f"; images (worst tile): test AUROC {image['test']['auroc']:.4f}" if image is not None else ""))
     return {"model": f"{name}_int8", "onnx": int8_path.name, "from": name, "threshold": choice.threshold,
-            "test": test, "vs_fp32_torch": check}
+            "test": test, "vs_fp32_torch": check, **({"image": image} if image is not None else {})}
 
 
 def export_stage(ctx: Context) -> dict[str, Any]:
@@ -126,15 +139,18 @@ def export_stage(ctx: Context) -> dict[str, Any]:
             ctx.log(f"[export] {name}: no finished model in the run, not exported")
             continue
         model, meta = load_model(run.model(name)), run.read_meta(name)
+        tiles = {"tiles": {**meta["tiles"], "threshold": meta["image"]["threshold"]}} if meta.get("tiles") else {}
         path = export_onnx(model.net, run.onnx(name), model.img_size, opset=cfg.export.opset, dynamo=cfg.export.dynamo,
-                           metadata={"model": name, **{k: meta[k] for k in _ONNX_META}, "crop_pct": cfg.data.crop_pct})
+                           metadata={"model": name, **{k: meta[k] for k in _ONNX_META}, "crop_pct": cfg.data.crop_pct,
+                                     **tiles})
         check = verify_onnx(path, model.net, _normalised(ctx, model, "test", limit=256), meta["threshold"])
         results["models"][name] = {"onnx": path.name, **check}
         if uses_openvino(cfg):
             results["models"][name]["openvino"] = _openvino(ctx, name, path, model, meta)
         exported[name] = (path, model, meta)
         ctx.log(f"[export] {path}: max |p_onnx - p_torch| {check['max_abs_diff_prob']:.2e}, "
-                f"decisions agree on {100 * check['agreement']:.1f}% of {check['n']} test images")
+                f"decisions agree on {100 * check['agreement']:.1f}% of {check['n']} test "
+                f"{'tiles' if ctx.data.tiled else 'images'}")
     deployed = next((n for n in DEPLOY_ORDER if n in exported), None)
     if cfg.export.int8 and deployed is not None:
         results["int8"] = _int8(ctx, deployed, *exported[deployed])

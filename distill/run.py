@@ -175,11 +175,16 @@ def _headline(run_dir: Path) -> list[str]:
         if row is None and run.finished(name):
             meta = run.read_meta(name)
             row = {"test": meta["metrics"]["test"], **meta.get("cost", {})}
+            if meta.get("image"):
+                row["image"] = {"test": meta["image"]["metrics"]["test"]}
         if row is None:
             continue
         test, params, macs = row["test"], row.get("params"), row.get("macs")
         cost = (f"  {params / 1e6:6.2f} M params" if params else "") + (f"  {macs / 1e6:8.1f} M MACs" if macs else "")
-        lines.append(f"  {name:<20} test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}{cost}")
+        image = row.get("image")
+        level = (f"  images AUROC {image['test']['auroc']:.4f}  F1 {image['test']['f1']:.4f}  |  tiles"
+                 if image else "")
+        lines.append(f"  {name:<20}{level} test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}{cost}")
     if lines:
         where = f"report: {run.report_md}" if run.report_json.is_file() else "no report yet (stage 'report')"
         lines = [f"headline ({where}):"] + lines

@@ -7,6 +7,11 @@ changed since (a retrained or replaced teacher under a student), it is stale and
 ``fit`` resumes from ``last.ckpt`` if there is one. Every finished model gets the same treatment
 (:func:`finish`): predictions on every split, a decision threshold chosen on validation only, test
 metrics at that threshold, ``model.safetensors`` + ``meta.json``, then the record.
+
+With ``data.tiles`` a model learns from and is scored on tiles (``PreparedData.unit_loader``), and
+is judged at two levels: tiles (the labelled ones; ``meta.json`` ``metrics``, ``predictions.csv``)
+and images, each image scored by its worst tile (``meta.json`` ``image``, ``image_predictions.csv``),
+each level with its own threshold chosen on its own validation scores.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import torch
 
 from core import provenance
 from core.errors import UserError
-from core.rundir import PREDICTIONS, RECORD, STAGE_OF, WEIGHTS, RunDir, write_predictions
+from core.rundir import IMAGE_PREDICTIONS, PREDICTIONS, RECORD, STAGE_OF, WEIGHTS, RunDir, write_predictions
 from core.schema import to_dict
 from data import CLASS_NAMES
 from data.manifest import SPLITS, UNLABELED
 from data.prepare import PreparedData
+from data.tiles import worst_tiles
 from distill.config import Config
 from distill.steps import StudentTrainee, ce_step, distill_step, make_projector
 from distill.teacher_cache import TeacherCache, build_teacher_cache
@@ -43,7 +49,8 @@ from training.loop import FitResult, fit
 from training.modeling import Classifier, load_model, save_artifact
 
 __all__ = ["Context", "StaleWarning", "teacher_stage", "student_stage", "baseline_stage", "finish", "stage_record",
-           "check_finished_stages", "begin", "finished_or_none", "learned_from"]
+           "check_finished_stages", "begin", "finished_or_none", "learned_from", "levels", "image_outputs",
+           "image_level", "tiling_meta", "write_levels"]
 
 
 @dataclass
@@ -60,11 +67,13 @@ class Context:
         return RunDir(self.run_dir)
 
     def loader(self, split: str | tuple[str, ...], size: int, batch_size: int, *, train: bool = False,
-               views: int | None = None, teacher_size: int | None = None, epoch_length: int | None = None):
-        """This process's loader: under torchrun, its shard of every batch (``batch_size`` is global)."""
-        return self.data.loader(split, size, self.dist.shard_batch(batch_size), train=train, views=views,
-                                teacher_size=teacher_size, num_replicas=self.dist.world, rank=self.dist.rank,
-                                epoch_length=epoch_length)
+               views: int | None = None, teacher_size: int | None = None, epoch_length: int | None = None,
+               every_tile: bool = False):
+        """This process's loader of images or, with ``data.tiles``, tiles (``PreparedData.unit_loader``):
+        under torchrun, its shard of every batch (``batch_size`` is global)."""
+        return self.data.unit_loader(split, size, self.dist.shard_batch(batch_size), train=train, views=views,
+                                     teacher_size=teacher_size, num_replicas=self.dist.world, rank=self.dist.rank,
+                                     epoch_length=epoch_length, every_tile=every_tile)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -169,17 +178,70 @@ def finished_or_none(ctx: Context, name: str, record: dict[str, Any]) -> Classif
 
 
 # ----------------------------------------------------------------------------- finishing
-def _prediction_rows(outputs: dict[str, EvalOutput], data: PreparedData):
+def _prediction_rows(outputs: dict[str, EvalOutput], data: PreparedData, images: bool):
     for split, out in outputs.items():
-        samples = data.split(split)
+        samples = data.split(split) if images else data.unit_samples(split, every_tile=True)
         for i, label, prob, logit in zip(out.index.tolist(), out.labels.tolist(), out.probs.tolist(),
                                          out.logits.tolist()):
             yield split, i, samples[i].path, label, prob, logit[0], logit[1]
 
 
-def write_split_predictions(path: Path, outputs: dict[str, EvalOutput], data: PreparedData) -> None:
-    """``predictions.csv`` of one model: every image of every split with its score and logits."""
-    write_predictions(path, _prediction_rows(outputs, data))
+def write_split_predictions(path: Path, outputs: dict[str, EvalOutput], data: PreparedData, *,
+                            images: bool = False) -> None:
+    """``predictions.csv`` of one model: every image (or labelled tile) of every split with its score
+    and logits; ``images=True`` for the image level of a tiled run (:func:`image_outputs`)."""
+    write_predictions(path, _prediction_rows(outputs, data, images))
+
+
+def _labelled(out: EvalOutput) -> EvalOutput:
+    keep = out.labels >= 0
+    return EvalOutput(out.logits[keep], out.labels[keep], out.index[keep])
+
+
+def image_outputs(data: PreparedData, split: str, out: EvalOutput) -> EvalOutput:
+    """The image level of one split's tile outputs (every tile, slivers too): each image of the
+    split with the logits of its worst tile, so its probability of defect is the maximum over its
+    tiles (:func:`data.tiles.image_scores`), and the image's own label."""
+    parents = data.tile_parents(split, include_excluded=True)[out.index]
+    labels = data.labels(split)
+    worst = torch.from_numpy(worst_tiles(out.probs, parents, len(labels)))
+    return EvalOutput(out.logits[worst], labels, torch.arange(len(labels)))
+
+
+def levels(data: PreparedData, outputs: dict[str, EvalOutput]) -> tuple[dict[str, EvalOutput],
+                                                                         dict[str, EvalOutput] | None]:
+    """The outputs a model is scored on: without tiles, the images and None; with tiles, the labelled
+    tiles and the images (worst tile). ``outputs`` come from ``unit_loader(..., every_tile=True)``."""
+    if not data.tiled:
+        return outputs, None
+    return ({sp: _labelled(o) for sp, o in outputs.items()},
+            {sp: image_outputs(data, sp, o) for sp, o in outputs.items()})
+
+
+def tiling_meta(data: PreparedData) -> dict[str, Any]:
+    """How a tiled model cuts an image (``meta.json`` and the ONNX metadata carry it to predict)."""
+    t = data.cfg.tiles
+    per_image = ((data.report.get("tiles") or {}).get("tiles_per_image") or {}).get("max")
+    return {"grid": list(t.grid) if t.grid else None, "size": t.size, "overlap": t.overlap,
+            "tiles_per_image": per_image}
+
+
+def image_level(images: dict[str, EvalOutput], rule: str) -> dict[str, Any]:
+    """``meta.json`` ``image`` of a tiled model: the image threshold ``rule`` picks from the
+    validation images' scores (never test), and every split's image metrics at it."""
+    choice = choose_threshold(images["val"].probs, images["val"].labels, rule)
+    return {"threshold": choice.threshold, "threshold_rule": rule,
+            "threshold_on_val": {"recall": choice.recall, "specificity": choice.specificity, "f1": choice.f1},
+            "score": "the maximum of its tiles' probabilities of defect",
+            "metrics": {sp: binary_metrics(o.probs, o.labels, choice.threshold) for sp, o in images.items()}}
+
+
+def write_levels(stage_dir: Path, tiles: dict[str, EvalOutput], images: dict[str, EvalOutput] | None,
+                 data: PreparedData, *, predictions: Path | None = None, image_predictions: Path | None = None) -> None:
+    """``predictions.csv`` (images, or labelled tiles) and, with tiles, ``image_predictions.csv``."""
+    write_split_predictions(predictions or stage_dir / PREDICTIONS, tiles, data)
+    if images is not None:
+        write_split_predictions(image_predictions or stage_dir / IMAGE_PREDICTIONS, images, data, images=True)
 
 
 def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, Any], result: FitResult | None,
@@ -192,11 +254,14 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, A
     """
     cfg = ctx.cfg
     model.to(ctx.device).eval()
-    outputs = {sp: gather_eval(evaluate(model, ctx.loader(sp, model.img_size, 64), device=ctx.device,
-                                        desc=f"{stage_dir.name} predict {sp}"), ctx.dist)
-               for sp in SPLITS}
+    scored = {sp: gather_eval(evaluate(model, ctx.loader(sp, model.img_size, 64, every_tile=True), device=ctx.device,
+                                       desc=f"{stage_dir.name} predict {sp}"), ctx.dist)
+              for sp in SPLITS}
+    outputs, images = levels(ctx.data, scored)
     choice = choose_threshold(outputs["val"].probs, outputs["val"].labels, cfg.eval.threshold)
     metrics = {sp: binary_metrics(out.probs, out.labels, choice.threshold) for sp, out in outputs.items()}
+    tiled = {} if images is None else {"unit": "tile", "tiles": tiling_meta(ctx.data),
+                                       "image": image_level(images, cfg.eval.threshold)}
     meta = {
         "stage": stage_dir.name,
         "threshold": choice.threshold,
@@ -207,16 +272,23 @@ def finish(ctx: Context, model: Classifier, stage_dir: Path, record: dict[str, A
         "epochs_run": len(result.history) if result else 0,
         "crop_pct": cfg.data.crop_pct,
         "class_names": list(CLASS_NAMES),
+        **tiled,
         **(extra_meta or {}),
     }
     if ctx.dist.is_main:
-        write_split_predictions(stage_dir / PREDICTIONS, outputs, ctx.data)
+        write_levels(stage_dir, outputs, images, ctx.data)
         save_artifact(stage_dir, model.cpu(), meta)
         provenance.save(stage_dir / RECORD, provenance.finish(record, stage_dir, [WEIGHTS]))
     barrier(ctx.dist)
     test = metrics["test"]
     ctx.log(f"[{stage_dir.name}] test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}  recall {test['recall']:.4f}  "
-            f"at threshold {choice.threshold:.4f} ({cfg.eval.threshold} on val)")
+            f"at threshold {choice.threshold:.4f} ({cfg.eval.threshold} on val)" + (" — tiles" if tiled else ""))
+    if tiled:
+        image = tiled["image"]
+        test = image["metrics"]["test"]
+        ctx.log(f"[{stage_dir.name}] images (worst tile): test AUROC {test['auroc']:.4f}  F1 {test['f1']:.4f}  "
+                f"recall {test['recall']:.4f} at threshold {image['threshold']:.4f} "
+                f"({cfg.eval.threshold} on val images)")
     return meta
 
 
@@ -234,7 +306,8 @@ def teacher_stage(ctx: Context) -> Classifier:
     stem = ", convolutional stem" if cfg.teacher.conv_stem else ""
     ctx.log(f"[teacher] {cfg.teacher.arch}{stem} at {model.img_size} px, {_count(model):,} params, "
             f"{'pretrained' if cfg.teacher.pretrained or cfg.teacher.weights else 'from scratch'}, "
-            f"{cfg.teacher.epochs} epochs on {ctx.device.type}, on {len(train.dataset)} labeled training images")
+            f"{cfg.teacher.epochs} epochs on {ctx.device.type}, on {len(train.dataset)} labeled training "
+            f"{'tiles' if ctx.data.tiled else 'images'}")
     result = fit(model, ce_step(cfg.teacher.label_smoothing, weights), train, val, cfg.teacher, stage_dir,
                  device=ctx.device, optimizer_factory=teacher_optimizer(cfg.teacher), name="teacher",
                  record=record, dist=ctx.dist, log=ctx.log)
@@ -246,10 +319,14 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def learned_from(train_loader) -> dict[str, int]:
-    """How many labeled and unlabeled images a training loader draws from (meta.json and the report)."""
+def learned_from(train_loader) -> dict[str, Any]:
+    """How many labeled and unlabeled images (or tiles: ``unit``) a training loader draws from
+    (meta.json and the report)."""
     unlabeled = int((train_loader.dataset.labels < 0).sum())
-    return {"labeled": len(train_loader.dataset) - unlabeled, "unlabeled": unlabeled}
+    out: dict[str, Any] = {"labeled": len(train_loader.dataset) - unlabeled, "unlabeled": unlabeled}
+    if getattr(train_loader.dataset, "parents", None) is not None:  # a TileDataset: counts of tiles
+        out["unit"] = "tiles"
+    return out
 
 
 # ----------------------------------------------------------------------------- student
@@ -278,7 +355,7 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
     val = ctx.loader("val", student.img_size, 64)
     seen = learned_from(train)
     labels = f", on {seen['labeled']} labeled" + (f" and {seen['unlabeled']} unlabeled" if seen["unlabeled"] else "") \
-        + " training images"
+        + (" training tiles" if ctx.data.tiled else " training images")
     if epoch_length:
         labels += f" ({epoch_length} draws an epoch, as many updates as the distilled student)"
     if teacher is None:
@@ -330,7 +407,7 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
         if provenance.compare(saved, record).same:
             return cache
     ctx.log(f"[distill] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
-            f"{len(train_loader.dataset)} training images")
+            f"{len(train_loader.dataset)} training {'tiles' if ctx.data.tiled else 'images'}")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
                                 batch_size=64, precision=precision_for(ctx.device, ctx.cfg.teacher.amp))
     if ctx.dist.is_main:  # under torchrun every rank computes the same cache; one writes it

@@ -38,20 +38,23 @@ NEAR_PERFECT = 0.99
 _CI_METRICS = ("auroc", "f1", "recall")
 
 
-def _split(m: ModelRun, split: str) -> SplitScores:
-    if split not in m.splits:
-        raise UserError(f"{m.name}: its predictions have no '{split}' split; rerun its stage (--force)")
-    return m.splits[split]
+def _split(m: ModelRun, split: str, level: str = "tile") -> SplitScores:
+    splits = m.image_splits if level == "image" else m.splits
+    if split not in (splits or {}):
+        raise UserError(f"{m.name}: its {'image_' if level == 'image' else ''}predictions have no '{split}' split; "
+                        "rerun its stage (--force)")
+    return splits[split]  # type: ignore[index]
 
 
-def _threshold(m: ModelRun) -> tuple[float, dict[str, Any]]:
-    """The threshold applied to ``m``'s predictions, and the check of it against validation."""
-    val = _split(m, "val")
+def _threshold(m: ModelRun, level: str = "tile") -> tuple[float, dict[str, Any]]:
+    """The threshold applied to ``m``'s predictions (of ``level``: tiles or whole images, ``tile``
+    meaning the model's own unit), and the check of it against validation."""
+    val = _split(m, "val", level)
     try:
         choice = choose_threshold(val.probs, val.labels, m.rule)
     except UserError as exc:
         raise UserError(f"{m.name}: {exc}") from None
-    stored = m.threshold
+    stored = m.image_threshold if level == "image" else m.threshold
     applied = stored if stored is not None else choice.threshold
     check = {
         "rule": m.rule,
@@ -66,26 +69,32 @@ def _threshold(m: ModelRun) -> tuple[float, dict[str, Any]]:
     return applied, check
 
 
-def _quality(m: ModelRun, bootstrap: int, ci: float, notes: list[str]) -> dict[str, Any]:
-    """Metrics on every split at the model's threshold, and bootstrap intervals on test."""
-    threshold, check = _threshold(m)
-    test = _split(m, "test")
-    splits = {sp: binary_metrics(s.probs, s.labels, threshold) for sp, s in m.splits.items()}
+def _quality(m: ModelRun, bootstrap: int, ci: float, notes: list[str], level: str = "tile") -> dict[str, Any]:
+    """Metrics on every split at the model's threshold, and bootstrap intervals on test; ``level``
+    ``image`` scores whole images of a tiled run (each image's score: its worst tile)."""
+    threshold, check = _threshold(m, level)
+    splits_in = m.image_splits if level == "image" else m.splits
+    test = _split(m, "test", level)
+    splits = {sp: binary_metrics(s.probs, s.labels, threshold) for sp, s in (splits_in or {}).items()}
     if bootstrap:
         intervals = bootstrap_ci(test.probs, test.labels, threshold, _CI_METRICS, n=bootstrap, ci=ci)
         splits["test"].update({f"{k}_ci": list(v) for k, v in intervals.items()}, ci_level=ci)
-    stored = m.stored_test or {}
+    stored = (m.image_stored_test if level == "image" else m.stored_test) or {}
+    what = f"{m.name}" + (" (images)" if level == "image" else "")
     if stored.get("confusion_matrix") not in (None, splits["test"]["confusion_matrix"]):
-        notes.append(f"{m.name}: the test confusion matrix saved at training time {stored['confusion_matrix']} differs "
+        notes.append(f"{what}: the test confusion matrix saved at training time {stored['confusion_matrix']} differs "
                      f"from the one recomputed from the saved predictions {splits['test']['confusion_matrix']}.")
-    if m.threshold is None:
-        notes.append(f"{m.name}: no threshold was stored with it; the one rule '{m.rule}' picks from the saved "
+    if check["stored"] is None:
+        notes.append(f"{what}: no threshold was stored with it; the one rule '{m.rule}' picks from the saved "
                      "validation scores is used.")
     elif not check["agrees"]:
-        notes.append(f"{m.name}: the stored threshold {check['stored']} differs from the one rule '{m.rule}' picks "
+        notes.append(f"{what}: the stored threshold {check['stored']} differs from the one rule '{m.rule}' picks "
                      f"again from the saved validation scores ({check['rechosen_on_val']:.6g}); the stored one is used.")
-    return {"threshold": threshold, "threshold_rule": m.rule, "threshold_check": check,
-            "test": splits["test"], "splits": splits}
+    out = {"threshold": threshold, "threshold_rule": m.rule, "threshold_check": check,
+           "test": splits["test"], "splits": splits}
+    if level == "image":
+        out["val"] = splits.get("val")
+    return out
 
 
 def _cost(m: ModelRun, profile: dict[str, Any] | None) -> dict[str, Any]:
@@ -196,6 +205,10 @@ def _model_rows(files: RunFiles, notes: list[str]) -> dict[str, dict[str, Any]]:
     for name, m in files.models.items():
         rows[name] = {"arch": m.arch, "img_size": m.img_size, **_cost(m, files.profile),
                       **_quality(m, files.eval.bootstrap, files.eval.ci, notes)}
+        if m.image_splits is not None:  # tiled: the image level (each image's score: its worst tile)
+            rows[name]["unit"] = "tile"
+            rows[name]["tiles_per_image"] = (m.tiles or {}).get("tiles_per_image")
+            rows[name]["image"] = _quality(m, files.eval.bootstrap, files.eval.ci, notes, level="image")
         if m.quantised_from:
             rows[name]["quantised_from"] = m.quantised_from
         if m.learned_from:
@@ -204,7 +217,26 @@ def _model_rows(files: RunFiles, notes: list[str]) -> dict[str, dict[str, Any]]:
             rows[name]["runtime_checks"] = m.runtime_checks
         rows[name]["fastest"] = fastest_runtimes(rows[name])
     _vs_teacher(files.models, rows, notes)
+    for row in rows.values():
+        if row.get("image") is not None and row.get("tiles_per_image"):
+            row["image"]["latency_ms"] = _per_image_latency(row)
     return rows
+
+
+def _per_image_latency(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A tiled model's median latency per runtime: one tile (batch 1) and one image (all its tiles
+    as one batch), from the figures profile.json measured."""
+    n = int(row["tiles_per_image"])
+    out: dict[str, dict[str, Any]] = {}
+    for key, figure in (row.get("latency_ms") or {}).items():
+        runtime, batch = key.rsplit("_b", 1)
+        if int(batch) in (1, n):
+            entry = out.setdefault(runtime, {"tile": None, "image": None, "tiles_per_image": n})
+            if int(batch) == 1:
+                entry["tile"] = figure["median"]
+            if int(batch) == n:
+                entry["image"] = figure["median"]
+    return out
 
 
 def build_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:

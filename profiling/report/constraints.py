@@ -11,6 +11,11 @@ pairs that were timed, the fastest at ``constraints.batch`` that meets every con
 latency bound read on the pair's own runtime. The choice reads the quality bounds on *validation*,
 like the threshold: choosing on test would make the test figures of the chosen model optimistic.
 The report then shows the chosen pair's checks on test.
+
+With ``data.tiles`` a line judges whole images, so both the choice and the checks read the image
+level (``row["image"]``: each image scored by its worst tile, at the image-level threshold), and a
+latency is that of one image: ``constraints.batch`` images, all their tiles in one batch
+(``tiles_per_image`` x batch).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from profiling.report.config import ConstraintsConfig
 from profiling.cost.profile_model import latency_key
 
-__all__ = ["DEPLOY_RUNTIMES", "check_model", "choose_deployed", "deploy_candidates", "deploy_pairs",
+__all__ = ["DEPLOY_RUNTIMES", "batch_of", "check_model", "choose_deployed", "deploy_candidates", "deploy_pairs",
            "fastest_runtimes", "latency_of", "precision_of", "runtime_for"]
 
 _INT8_RUNTIME = "onnx_int8"
@@ -60,10 +65,16 @@ def runtime_for(row: dict[str, Any], runtime: str) -> str | None:
     return _INT8_RUNTIME if runtime in ("onnx", _INT8_RUNTIME) else None
 
 
+def batch_of(row: dict[str, Any], batch: int) -> int:
+    """The model's inputs per forward pass for ``batch`` images: ``batch`` x its tiles per image."""
+    return batch * int(row.get("tiles_per_image") or 1)
+
+
 def latency_of(row: dict[str, Any], runtime: str, batch: int) -> dict[str, Any] | None:
-    """The model's latency record (median, p90, threads, device) on ``runtime`` at ``batch``, if measured."""
+    """The model's latency record (median, p90, threads, device) on ``runtime`` for ``batch`` images
+    (of a tiled model: all their tiles in one batch), if measured."""
     actual = runtime_for(row, runtime)
-    return None if actual is None else (row.get("latency_ms") or {}).get(latency_key(actual, batch))
+    return None if actual is None else (row.get("latency_ms") or {}).get(latency_key(actual, batch_of(row, batch)))
 
 
 def _number(value: Any) -> float | None:
@@ -86,12 +97,13 @@ def _latency_check(row: dict[str, Any], c: ConstraintsConfig, runtime: str | Non
     wanted = runtime or c.runtime
     actual = runtime_for(row, wanted)
     figure = latency_of(row, wanted, c.batch)
-    key = latency_key(actual or wanted, c.batch)
+    key = latency_key(actual or wanted, batch_of(row, c.batch))
     if actual is None:
         missing = f"an int8 model runs only in ONNX Runtime, not on '{wanted}'"
     else:
         missing = (row.get("latency_skipped") or {}).get(key) or "not measured (no profile.json, or runtime not profiled)"
-    what = f"median ms, {key}" + (f", {figure['threads']} threads, {figure['device']}" if figure else "")
+    per_image = f" (one image: {row['tiles_per_image']} tiles per batch)" if row.get("tiles_per_image") else ""
+    what = f"median ms, {key}{per_image}" + (f", {figure['threads']} threads, {figure['device']}" if figure else "")
     if figure and figure.get("under_load"):
         what += f", {figure['under_load']}"
     return _check("max_latency_ms", "<=", c.max_latency_ms, figure and figure.get("median"), what, missing)
@@ -102,8 +114,10 @@ def check_model(row: dict[str, Any], c: ConstraintsConfig, split: str = "test",
     """One check per bound set in ``c``, for one report row (cost fields, and the quality metrics of
     ``split``: ``test`` for what is reported, ``val`` for choosing); the latency bound is read on
     ``runtime`` (default: the constraint's)."""
-    test = (row.get("splits") or {}).get(split) if split != "test" else row.get("test")
+    level = row.get("image") or row  # a tiled model is judged on whole images
+    test = (level.get("splits") or {}).get(split) if split != "test" else level.get("test")
     test = test or {}
+    split = f"image-level {split}" if row.get("image") else split
     checks = []
     if c.max_latency_ms is not None:
         checks.append(_latency_check(row, c, runtime))
@@ -138,7 +152,7 @@ def deploy_pairs(rows: dict[str, dict[str, Any]], c: ConstraintsConfig) -> list[
     for name in deploy_candidates(rows):
         row = rows[name]
         timed = {**(row.get("latency_ms") or {}), **(row.get("latency_skipped") or {})}
-        runtimes = [r for r in DEPLOY_RUNTIMES[precision_of(row)] if latency_key(r, c.batch) in timed]
+        runtimes = [r for r in DEPLOY_RUNTIMES[precision_of(row)] if latency_key(r, batch_of(row, c.batch)) in timed]
         pairs += [(name, r) for r in runtimes or [runtime_for(row, c.runtime) or DEPLOY_RUNTIMES[precision_of(row)][0]]]
     return pairs
 

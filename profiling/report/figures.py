@@ -7,6 +7,7 @@ person can inspect, with the deployed model's Grad-CAM heatmap for *defect* draw
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from data.config import DataConfig
 from core.errors import UserError
 from core.rundir import RunDir, read_json
 from data.loader import InspectionDataset
-from data.manifest import Sample
+from data.manifest import Sample, read_manifest
 from core.schema import build
 from profiling.report import plots
 from profiling.report.constraints import latency_of
@@ -28,6 +29,7 @@ __all__ = ["ERRORS_SHOWN", "IMAGE_SIZE", "load_images", "write_plots"]
 
 ERRORS_SHOWN = 8  # per row of the error grid
 IMAGE_SIZE = 128  # pixels per side in the error grid
+_TILE = re.compile(r"#(\d+),(\d+),(\d+),(\d+)$")  # a tile row's path: <image>#x0,y0,x1,y1 (data.tiles.tile_id)
 
 
 def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE_SIZE) -> list[np.ndarray | None]:
@@ -42,7 +44,16 @@ def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE
         return [None] * len(items)
     seed = int((files.config.get("run") or {}).get("seed", 0))
     out: list[np.ndarray | None] = []
+    parents: dict[str, int] | None = None
     for path, label in items:
+        tile = _TILE.search(path) if cfg.tiles is not None else None
+        if tile is not None:  # a tile row: its crop of the parent image (a synthetic parent needs its own label)
+            if parents is None:
+                manifest = RunDir(files.run_dir).manifest
+                parents = ({s.path: s.label for s in read_manifest(manifest) if not s.is_tile}
+                           if manifest.is_file() else {})
+            out.append(_tile(cfg, seed, path[:tile.start()], tuple(int(v) for v in tile.groups()), parents, size))
+            continue
         synthetic = cfg.synthetic if path.startswith("synthetic:") else None
         dataset = InspectionDataset([Sample(path=path, label=label, group="", split="test")], size,
                                     crop_pct=cfg.crop_pct, synthetic=synthetic, run_seed=seed)
@@ -51,6 +62,20 @@ def load_images(files: RunFiles, items: list[tuple[str, int]], size: int = IMAGE
         except (OSError, ValueError):  # a file moved or deleted since the run (BadImage is a ValueError)
             out.append(None)
     return out
+
+
+def _tile(cfg: DataConfig, seed: int, parent: str, rect: tuple[int, ...], labels: dict[str, int],
+          size: int) -> np.ndarray | None:
+    from data.tile_data import crop_tile, source_pixels
+
+    if parent not in labels:
+        return None
+    synthetic = cfg.synthetic if parent.startswith("synthetic:") else None
+    try:
+        pixels = source_pixels(Sample(path=parent, label=labels[parent], group="", split="test"), synthetic, seed)
+        return crop_tile(pixels, rect, size).astype(np.float32) / 255.0  # type: ignore[arg-type]
+    except (OSError, ValueError, UserError):  # moved, changed or deleted since the run
+        return None
 
 
 def _with_gradcam(files: RunFiles, model: str, images: list[np.ndarray | None]) -> list[np.ndarray | None] | None:
@@ -99,9 +124,10 @@ def _pareto_points(report: dict[str, Any]) -> dict[str, tuple[float, float, tupl
     points = {}
     for name, row in report["models"].items():
         figure = latency_of(row, c["runtime"], c["batch"])
-        auroc = row["test"].get("auroc")
+        test = (row.get("image") or row)["test"]  # a tiled model: whole images, as its latency is per image
+        auroc = test.get("auroc")
         if figure and figure.get("median") is not None and auroc is not None:
-            ci = row["test"].get("auroc_ci")
+            ci = test.get("auroc_ci")
             points[name] = (figure["median"], auroc, tuple(ci) if ci else None)
     return points
 
@@ -132,7 +158,9 @@ def write_plots(files: RunFiles, report: dict[str, Any]) -> list[Path]:
     c = report["constraints"]
     deployed = (report.get("deployed") or {}).get("model")
     if points:
-        xlabel = f"median latency, ms ({c['runtime']} batch {c['batch']}; int8: onnx_int8)"
+        tiled = any(r.get("tiles_per_image") for r in rows.values())
+        per = f"{c['batch']} image(s), all tiles in one batch" if tiled else f"batch {c['batch']}"
+        xlabel = f"median latency, ms ({c['runtime']} {per}; int8: onnx_int8)"
         limit = (c.get("set") or {}).get("max_latency_ms")
         written.append(plots.pareto(points, xlabel, out / "pareto.png", deployed=deployed, max_latency=limit))
     if deployed is not None:

@@ -14,22 +14,27 @@ from typing import Any
 
 from core import provenance
 from core.files import atomic_write_text, json_ready
-from core.rundir import MODELS, RunDir
+from core.rundir import MODELS, RunDir, read_json
 from profiling.cost.config import ProfileConfig
 from profiling.cost.latency import RUNTIMES, matmul_peak_gflops
 from profiling.cost.machine import machine_info, usable_cores
 from profiling.cost.profile_model import MACS_NOTE, ModelEntry, profile_model
 from profiling.report.config import ConstraintsConfig
 
-__all__ = ["measure", "measure_run", "profile_record", "run_entries"]
+__all__ = ["measure", "measure_run", "profile_record", "run_entries", "tiles_per_image"]
 
 
-def _plan(profile_cfg: ProfileConfig, constraints_cfg: ConstraintsConfig) -> tuple[list[str], list[int], int]:
-    """Runtimes, batch sizes and threads to measure: the profile's, plus what the constraint reads."""
+def _plan(profile_cfg: ProfileConfig, constraints_cfg: ConstraintsConfig,
+          tiles_per_image: int | None = None) -> tuple[list[str], list[int], int]:
+    """Runtimes, batch sizes and threads to measure: the profile's, plus what the constraint reads.
+    A tiled model is also timed per image: all ``tiles_per_image`` tiles of one image (and of
+    ``constraints.batch`` images) as one batch, beside the per-tile figures of the batch sizes."""
     runtimes = list(dict.fromkeys([*profile_cfg.runtimes, constraints_cfg.runtime]))
     if constraints_cfg.runtime == "onnx":
         runtimes = list(dict.fromkeys([*runtimes, "onnx_int8"]))  # an int8 model meets `onnx` through its own file
     batches = sorted({*profile_cfg.batch_sizes, constraints_cfg.batch})
+    if tiles_per_image:
+        batches = sorted({*batches, tiles_per_image, tiles_per_image * constraints_cfg.batch})
     return runtimes, batches, profile_cfg.threads or usable_cores()
 
 
@@ -40,6 +45,7 @@ def measure(
     constraints_cfg: ConstraintsConfig,
     log: Callable[[str], None] = print,
     record: dict[str, Any] | None = None,
+    tiles_per_image: int | None = None,
 ) -> dict[str, Any]:
     """Profile every model of a run the same way and write ``run_dir/profile.json``; returns its content.
 
@@ -47,9 +53,10 @@ def measure(
     ``student_pruned``) to what to measure; give the deployed model's int8 file as
     ``onnx_int8`` of its fp32 entry. The constraint's runtime and batch are always measured.
     Threads are ``profile.threads`` or every core this process may use, set explicitly.
-    ``record`` (:func:`profile_record`) is stored in the file as its provenance.
+    ``record`` (:func:`profile_record`) is stored in the file as its provenance. ``tiles_per_image``
+    (a tiled run) adds the batch of one image's tiles (see :func:`_plan`).
     """
-    runtimes, batches, threads = _plan(profile_cfg, constraints_cfg)
+    runtimes, batches, threads = _plan(profile_cfg, constraints_cfg, tiles_per_image)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise ValueError(f"unknown runtime(s) {unknown}; valid: {sorted(RUNTIMES)}")
@@ -63,6 +70,7 @@ def measure(
         "limit": {"matmul_peak_gflops": peak, "threads": threads, "dtype": "fp32",
                   "what": "best of 10 1024x1024 matmuls (2 n^3 FLOPs each); ideal_ms = 2 x macs x batch / peak"},
         "macs_note": MACS_NOTE,
+        "tiles_per_image": tiles_per_image,
         "models": {},
     }
     for name, entry in models.items():
@@ -92,10 +100,18 @@ def run_entries(run: RunDir, names: list[str]) -> dict[str, ModelEntry]:
     return entries
 
 
+def tiles_per_image(run: RunDir) -> int | None:
+    """A tiled run's tiles per image (the most any image has; data/report.json), else None."""
+    if not run.data_report.is_file():
+        return None
+    tiles = read_json(run.data_report).get("tiles") or {}
+    return (tiles.get("tiles_per_image") or {}).get("max")
+
+
 def profile_record(run: RunDir, names: list[str], profile_cfg: ProfileConfig,
                    constraints_cfg: ConstraintsConfig) -> dict[str, Any]:
     """What the profile of these models depends on: the settings, and every file it measures."""
-    runtimes, batches, threads = _plan(profile_cfg, constraints_cfg)
+    runtimes, batches, threads = _plan(profile_cfg, constraints_cfg, tiles_per_image(run))
     inputs: dict[str, Path | None] = {}
     for name in names:
         inputs[name] = run.weights(name)
@@ -121,4 +137,5 @@ def measure_run(run: RunDir, profile_cfg: ProfileConfig, constraints_cfg: Constr
         return saved  # type: ignore[return-value]
     if verdict.state in ("config", "inputs") and not force:
         log(f"[report] re-measuring: {', '.join(verdict.changed[:6])} changed since profile.json was measured")
-    return measure(run.root, run_entries(run, names), profile_cfg, constraints_cfg, log, record=record)
+    return measure(run.root, run_entries(run, names), profile_cfg, constraints_cfg, log, record=record,
+                   tiles_per_image=tiles_per_image(run))

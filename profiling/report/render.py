@@ -48,11 +48,15 @@ def _facts(report: dict[str, Any], name: str) -> str:
     fig = latency_of(row, c["runtime"], c["batch"])
     load = f", {fig['under_load']}" if fig and fig.get("under_load") else ""
     precision = "int8" if row.get("quantised_from") else "fp32"
-    speed = (f"{_ms(fig['median'])} ms median on {c['runtime']} ({precision}, batch {c['batch']}, "
+    per = (f"{c['batch']} image(s) of {row['tiles_per_image']} tiles in one batch" if row.get("tiles_per_image")
+           else f"batch {c['batch']}")
+    speed = (f"{_ms(fig['median'])} ms median on {c['runtime']} ({precision}, {per}, "
              f"{fig['threads']} threads{load})" if fig else f"latency on {c['runtime']} not measured")
-    test = row["test"]
+    level = row.get("image") or row
+    test = level["test"]
+    what = "image-level test AUROC" if row.get("image") else "test AUROC"
     return (f"{speed}, {_m(row.get('params'))} params, {_m(row.get('macs'))} MACs, "
-            f"test AUROC {_with_ci(test, 'auroc')}, recall {_f(test.get('recall'))} at threshold {row['threshold']:.3g}")
+            f"{what} {_with_ci(test, 'auroc')}, recall {_f(test.get('recall'))} at threshold {level['threshold']:.3g}")
 
 
 def _against_teacher(report: dict[str, Any], name: str) -> str:
@@ -66,8 +70,9 @@ def _against_teacher(report: dict[str, Any], name: str) -> str:
     pairs = {"latency": (fs and fs["median"], ft and ft["median"]), "params": (s.get("params"), t.get("params")),
              "MACs": (s.get("macs"), t.get("macs"))}
     parts = [f"{what} {mine / theirs:.3g}x" for what, (mine, theirs) in pairs.items() if mine and theirs]
-    if s["test"].get("auroc") is not None and t["test"].get("auroc") is not None:
-        parts.append(f"AUROC {s['test']['auroc'] - t['test']['auroc']:+.3f}")
+    st, tt = (s.get("image") or s)["test"], (t.get("image") or t)["test"]
+    if st.get("auroc") is not None and tt.get("auroc") is not None:
+        parts.append(f"AUROC {st['auroc'] - tt['auroc']:+.3f}")
     return f"; relative to the teacher: {', '.join(parts)}" if parts else ""
 
 
@@ -136,7 +141,12 @@ def _models_section(report: dict[str, Any]) -> str:
                      _f(r.get("size_mb"), 2),
                      _with_ci(r["test"], "auroc"), _with_ci(r["test"], "f1"), _f(r["test"].get("recall")),
                      f"{r['threshold']:.4g}"])
-    text = "## Models (test split)\n\n" + _table(header, body)
+    tiled = any(r.get("image") for r in rows.values())
+    title = "## Models (test split, tiles: each tile scored on its own)" if tiled else "## Models (test split)"
+    text = title + "\n\n" + _table(header, body)
+    if tiled:
+        text += ("\n\nWith data.tiles every figure of this table is per tile: AUROC, F1 and recall over the labelled "
+                 "test tiles at the tile threshold, latency per batch of tiles. Whole images are in the next section.")
     prof, machine = report.get("profile") or {}, report.get("machine") or {}
     settings = prof.get("settings")
     if settings:
@@ -163,6 +173,33 @@ def _models_section(report: dict[str, Any]) -> str:
     if skipped:
         text += "\n\nNo figure for: " + "; ".join(f"{k}: {why}" for k, why in skipped.items()) + "."
     return text
+
+
+def _images_section(report: dict[str, Any]) -> str:
+    """A tiled run's image level: each image scored by its worst tile, at the image threshold."""
+    rows = {n: r for n, r in report["models"].items() if r.get("image")}
+    if not rows:
+        return ""
+    c, deployed = report["constraints"], (report.get("deployed") or {}).get("model")
+    n = next(iter(rows.values())).get("tiles_per_image")
+    body = []
+    for name, r in rows.items():
+        im = r["image"]
+        runtime = c["runtime"] if not r.get("quantised_from") or c["runtime"] != "onnx" else "onnx_int8"
+        lat = (im.get("latency_ms") or {}).get(runtime) or {}
+        body.append([f"**{name}** (deployed)" if name == deployed else name, _f((im.get("val") or {}).get("auroc")),
+                     _with_ci(im["test"], "auroc"), _with_ci(im["test"], "f1"), _f(im["test"].get("recall")),
+                     _f(im["test"].get("specificity")), f"{im['threshold']:.4g}",
+                     "yes" if im["threshold_check"]["agrees"] else "**no**", _ms(lat.get("tile")),
+                     _ms(lat.get("image"))])
+    header = ["model", "val AUROC", "test AUROC [95% CI]", "test F1 [95% CI]", "test recall", "test specificity",
+              "image threshold", "re-chosen on val agrees", f"{c['runtime']} ms per tile", f"ms per image ({n} tiles)"]
+    return ("## Whole images (each image's score: its worst tile)\n\n"
+            f"An image is cut into {n} tiles; its probability of defect is the maximum over its tiles (slivers "
+            "included: a tile holding too little of a defect box is never trained on, but it is scored). The image "
+            "threshold is chosen on the validation images' scores by the same rule, never on test. **The deployed "
+            "model's choice and the constraints use this level**: a line accepts or rejects whole images, and a "
+            "latency is that of one image, all its tiles in one batch.\n\n" + _table(header, body))
 
 
 def _limit_section(report: dict[str, Any]) -> str:
@@ -222,7 +259,8 @@ def _learned(seen: dict[str, int] | None) -> str:
     """Training images a model learned from: labeled, and unlabeled (taught by the teacher)."""
     if not seen:
         return "—"
-    return f"{seen['labeled']} labeled" + (f" + {seen['unlabeled']} unlabeled" if seen.get("unlabeled") else "")
+    unit = f" {seen['unit']}" if seen.get("unit") else ""
+    return f"{seen['labeled']} labeled{unit}" + (f" + {seen['unlabeled']} unlabeled" if seen.get("unlabeled") else "")
 
 
 def _splits_section(report: dict[str, Any]) -> str:
@@ -258,6 +296,18 @@ def _data_section(report: dict[str, Any]) -> str:
                                        f"data.label_fraction {unlabeled['label_fraction']} held back"
                                        if unlabeled["held_back_from_train"] else "")
             + ". A distilled student learns from the teacher's outputs on them." if unlabeled else "")
+    tiles = data.get("tiles")
+    if tiles:
+        t_body = [[sp, str(c["tiles"]["normal"]), str(c["tiles"]["defect"]), str(c["tiles"]["excluded"]),
+                   str(c["defect_images_without_defect_tile"])] for sp, c in tiles["counts"].items()]
+        cfg = tiles["config"]
+        how = f"grid {cfg['grid']}" if cfg.get("grid") else f"{cfg['size']} px tiles"
+        pool += (f"\n\nTiles ({how}, overlap {cfg['overlap']}, {tiles['tiles_per_image']['max']} per image; "
+                 "a tile is a "
+                 f"defect when it holds at least {cfg['min_box_fraction']} of a defect box, a sliver when it holds "
+                 "less: scored, never trained on):\n\n"
+                 + _table(["split", "normal tiles", "defect tiles", "slivers", "defect images without a defect tile"],
+                          t_body))
     return (f"## Data\n\nSource: {data.get('source')}{where}; {data.get('split_method')}; "
             f"{data.get('total')} images used, {skipped} skipped{f' ({reasons}; listed in data/skipped.csv)' if skipped else ''}."
             f"\n\n{_table(['split', 'normal', 'defect'], body)}{pool}\n\n**Leakage:** {leak['statement']}")
@@ -268,6 +318,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     sections = [
         f"# Report: {report['run']}\n\n{report['verdict']}",
         _models_section(report),
+        _images_section(report),
         _constraints_section(report),
         _limit_section(report),
         _thresholds_section(report),

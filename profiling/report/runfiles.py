@@ -38,6 +38,12 @@ class ModelRun:
     #: Its outputs on each runtime checked against PyTorch's on test images (export/verify.json):
     #: ``{"onnx": {...}, "openvino": {...}}``, ``{"onnx_int8": {...}}`` for an int8 model.
     runtime_checks: dict[str, dict[str, Any]] | None = None
+    #: With data.tiles: ``splits`` are the labelled tiles, these each image (its worst tile's score),
+    #: with the image-level threshold and the image test metrics saved at training time.
+    image_splits: dict[str, SplitScores] | None = None
+    image_threshold: float | None = None
+    image_stored_test: dict[str, Any] | None = None
+    tiles: dict[str, Any] | None = None  # the tiling (meta.json ``tiles``): grid/size, overlap, tiles per image
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ def _read_config(run: RunDir) -> dict[str, Any]:
 
 def _model_run(run: RunDir, name: str, eval_cfg: EvalConfig) -> ModelRun:
     meta = read_json(run.meta(name))
+    image = meta.get("image") if meta.get("tiles") else None
     return ModelRun(
         name=name,
         arch=meta.get("arch", "?"),
@@ -79,6 +86,10 @@ def _model_run(run: RunDir, name: str, eval_cfg: EvalConfig) -> ModelRun:
         splits=read_predictions(run.predictions(name)),
         stored_test=(meta.get("metrics") or {}).get("test"),
         learned_from=meta.get("learned_from"),
+        image_splits=read_predictions(run.image_predictions(name)) if image else None,
+        image_threshold=image.get("threshold") if image else None,
+        image_stored_test=((image or {}).get("metrics") or {}).get("test"),
+        tiles=meta.get("tiles"),
     )
 
 
@@ -99,6 +110,10 @@ def _int8_run(run: RunDir, verify: dict[str, Any], models: dict[str, ModelRun]) 
         quantised_from=int8["from"],
         learned_from=source.learned_from,
         runtime_checks={"onnx_int8": int8["vs_fp32_torch"]} if int8.get("vs_fp32_torch") else None,
+        image_splits=read_predictions(run.int8_image_predictions(int8["from"])) if source.tiles else None,
+        image_threshold=(int8.get("image") or {}).get("threshold"),
+        image_stored_test=(int8.get("image") or {}).get("test"),
+        tiles=source.tiles,
     )
 
 
