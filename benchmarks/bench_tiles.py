@@ -118,7 +118,7 @@ def tables(results: dict[tuple[int, str], dict[str, dict]], seeds: list[int],
             f"- {name}: tiles {tiled:.3f} against resized {resized:.3f} image-level test AUROC (mean of {len(seeds)} "
             f"seed(s)); target (tiles >= {TARGET_TILES}, resized <= {CHANCE}): **{'met' if met else 'not met'}**"
             + ("" if tiled >= TARGET_TILES else f" — tiling stays below {TARGET_TILES}")
-            + ("" if resized <= CHANCE else f" — the resized image is not near chance here"))
+            + ("" if resized <= CHANCE else " — the resized image is not near chance here"))
     head = ["model", "arm", "model input", "image test AUROC (mean ± std)", "image test F1", "tile test AUROC",
             "epochs", "train + eval s (mean)"]
     return md_table(head, rows), verdicts
