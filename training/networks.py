@@ -75,7 +75,8 @@ def create_network(arch: str, *, pretrained: bool = False, weights: str | None =
     net = _create(arch, pretrained=pretrained, weights=weights, img_size=img_size, drop_path=drop_path,
                   model_kwargs=model_kwargs, key=key, num_classes=num_classes)
     head = net.get_classifier() if hasattr(net, "get_classifier") else None
-    if isinstance(head, nn.Linear):
+    loaded_head = (pretrained or weights) and num_classes == (getattr(net, "pretrained_cfg", None) or {}).get("num_classes")
+    if isinstance(head, nn.Linear) and not loaded_head:
         with torch.no_grad():
             nn.init.trunc_normal_(head.weight, std=0.01)
             if head.bias is not None:
