@@ -29,8 +29,10 @@ torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed():
     torch.manual_seed(TEST_SEED)
+    yield
+    torch.set_num_threads(TEST_THREADS)  # a test that changes the thread count does not leak it
 
 
 def write_image(path, seed: int = 0, size: int = 40, mode: str = "RGB", fmt: str | None = None):
