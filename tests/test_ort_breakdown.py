@@ -12,8 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from profiling.cost.counting import count_macs
-from profiling.cost.ort_breakdown import (MATMUL_KIND, breakdown_markdown, graph_macs, op_kind, ort_breakdown,
-                                          overhead_line)
+from profiling.cost.ort_breakdown import (
+    MATMUL_KIND,
+    breakdown_markdown,
+    graph_macs,
+    op_kind,
+    ort_breakdown,
+    overhead_line,
+)
 
 # The hand count of the test graph (one image 4x8x8):
 DENSE = 8 * 8 * 8 * (4 * 3 * 3)  # 3x3 conv 4 -> 8 channels, 8x8 out: 18,432
@@ -56,6 +62,9 @@ def test_op_kind_tells_convolutions_apart():
     assert op_kind("Conv", 1, [16, 8, 1, 1]) == "Conv 1×1"
     assert op_kind("FusedConv", 1, [16, 3, 3, 3]) == "Conv k×k"
     assert op_kind("Conv", 1, [16, 1, 3, 3]) == "Conv k×k"  # one input channel, one group: dense
+    assert op_kind("QLinearConv", 1, None, [1, 1]) == "Conv 1×1"  # a pre-packed weight: the kernel_shape attribute
+    assert op_kind("QLinearConv", 8, None, [3, 3]) == "Conv grouped (weight not seen)"
+    assert op_kind("Conv") == "Conv (kernel not seen)"
     assert op_kind("MatMul") == op_kind("Gemm") == MATMUL_KIND
     assert op_kind("HardSwish") == "HardSwish"
 
@@ -107,7 +116,7 @@ def test_breakdown_as_the_file_holds_it(tmp_path):
     assert shares["Relu"] == 0.0
     assert b.share("Conv depthwise")[0] == pytest.approx(DEPTHWISE / TOTAL)
     assert math.isclose(sum(o.ms for o in b.ops), b.kernel_ms, rel_tol=1e-9)
-    assert b.run_ms >= b.kernel_ms > 0  # a run holds its kernels
+    assert b.run_ms > 0 and b.kernel_ms > 0 and b.overhead_ms >= 0  # a run holds its kernels
     assert len(b.top) == 3 and [t.ms for t in b.top] == sorted((t.ms for t in b.top), reverse=True)
     assert b.plain_ms is None
 
@@ -126,4 +135,20 @@ def test_breakdown_of_the_deployed_graph(tmp_path):
     text = breakdown_markdown(b, peak_gflops=10.0)
     assert "| Conv depthwise | 1 |" in text and "of fp32 matmul peak" in text
     assert overhead_line(b) in text
-    assert b.to_dict()["overhead_ms"] == pytest.approx(b.run_ms - b.kernel_ms)
+    assert b.to_dict()["total_macs"] == 2 * TOTAL
+
+
+def test_breakdown_of_an_int8_graph(tmp_path):
+    """Static int8: ONNX Runtime runs QLinearConv with a pre-packed weight the profiler does not show;
+    the kinds come from the optimized graph, the MACs from the QDQ graph's convolutions."""
+    from deploy.export import quantize_int8
+
+    path = _tiny(tmp_path / "tiny.onnx")
+    rng = np.random.default_rng(0)
+    int8 = quantize_int8(path, tmp_path / "tiny_int8.onnx", [rng.standard_normal((2, 4, 8, 8), dtype=np.float32)])
+    b = ort_breakdown(int8, (1, 4, 8, 8), threads=1, warmup=1, runs=2, plain=False, work_dir=tmp_path)
+    by_kind = {o.kind: o for o in b.ops}
+    assert by_kind["Conv depthwise"].nodes == 1 and by_kind["Conv k×k"].nodes == 1
+    assert by_kind["Conv depthwise"].macs == DEPTHWISE and b.total_macs == TOTAL
+    assert by_kind["Conv depthwise"].runs_as == ["QLinearConv (NHWC)"]  # the pre-packed path was the one tested
+    assert math.isclose(sum(o.time_share for o in b.ops), 1.0, rel_tol=1e-9)

@@ -8,7 +8,8 @@ a Chrome-trace JSON file (into a temporary directory, deleted afterwards) holdin
 (``dur`` in microseconds, ``args.op_name``, ``args.input_type_shape``). The warm-up runs are
 dropped; the timed runs are aggregated:
 
-- per operator kind (:func:`op_kind`): nodes per run, mean ms per run, share of the summed kernel
+- per operator kind (:func:`op_kind`): nodes per run, ms per run (each node's median over the
+  runs, so that one run stalled by another process does not count), share of the summed kernel
   time, share of the model's MACs in those nodes and the GFLOP/s they reach (``2 x MACs / time``).
   Convolutions are told apart by the graph's ``group`` attribute and weight shape: depthwise
   (one input channel per group), grouped, 1x1 (pointwise) and dense k x k.
@@ -51,23 +52,26 @@ MATMUL_OPS = {"Gemm": 0, "MatMul": 0, "FusedGemm": 0, "FusedMatMul": 0, "MatMulI
 MATMUL_KIND = "Gemm / MatMul"
 
 
-def _conv_kind(group: int, weight_shape: list[int] | None) -> str:
+def _conv_kind(group: int, weight_shape: list[int] | None, kernel: list[int] | None = None) -> str:
     """``Conv depthwise | Conv grouped | Conv 1×1 | Conv k×k`` from ``group`` and the weight's
-    shape ``[out, in / group, *kernel]`` (None: unknown, only ``group`` is read)."""
-    per_group = weight_shape[1] if weight_shape and len(weight_shape) > 1 else None
+    shape ``[out, in / group, *kernel]``; without the weight's shape, ``kernel`` (the
+    ``kernel_shape`` attribute) tells 1×1 from k×k, and a grouped convolution stays unresolved."""
+    per_group = weight_shape[1] if weight_shape and len(weight_shape) > 2 else None
+    kernel = list(weight_shape[2:]) if per_group is not None else kernel
     if group > 1:
-        return "Conv depthwise" if per_group in (1, None) else "Conv grouped"
-    kernel = weight_shape[2:] if weight_shape else None
-    if kernel and all(k == 1 for k in kernel):
-        return "Conv 1×1"
-    return "Conv k×k"
+        return "Conv grouped (weight not seen)" if per_group is None else \
+            "Conv depthwise" if per_group == 1 else "Conv grouped"
+    if not kernel:
+        return "Conv (kernel not seen)"
+    return "Conv 1×1" if all(k == 1 for k in kernel) else "Conv k×k"
 
 
-def op_kind(op_type: str, group: int = 1, weight_shape: list[int] | None = None) -> str:
+def op_kind(op_type: str, group: int = 1, weight_shape: list[int] | None = None,
+            kernel: list[int] | None = None) -> str:
     """The row a node counts under: convolutions by kind (:func:`_conv_kind`; fp32, fused or int8
     alike), every matrix product as one kind, any other operator under its own type."""
     if op_type in CONV_OPS:
-        return _conv_kind(group, weight_shape)
+        return _conv_kind(group, weight_shape, kernel)
     if op_type in MATMUL_OPS:
         return MATMUL_KIND
     return op_type
@@ -145,7 +149,7 @@ class OpTime:
 
     kind: str
     nodes: int  # nodes of this kind per run
-    ms: float  # mean kernel time per run
+    ms: float  # per run: the sum of its nodes' median kernel times
     time_share: float  # of the summed kernel time
     macs: int  # in the file's graph, for one input of the profiled shape
     mac_share: float  # of the model's MACs
@@ -162,7 +166,7 @@ class NodeTime:
     name: str
     kind: str
     runs_as: str
-    ms: float  # mean per run
+    ms: float  # median over the runs
     time_share: float
     output_shape: list[int] | None
 
@@ -174,19 +178,15 @@ class Breakdown:
     threads: int
     warmup: int
     runs: int
-    run_ms: float  # mean model_run (profiled)
-    kernel_ms: float  # mean summed kernel time per run
+    run_ms: float  # median model_run (profiled)
+    kernel_ms: float  # the sum over nodes of each node's median kernel time
+    overhead_ms: float  # median over runs of (model_run - the run's summed kernel times): time outside the kernels
     plain_ms: float | None  # median run() time of a session without the profiler
     total_macs: int
     ops: list[OpTime]  # slowest first
     top: list[NodeTime]  # slowest single nodes
     nodes_per_run: int
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def overhead_ms(self) -> float:
-        """Time of a run outside the node kernels."""
-        return self.run_ms - self.kernel_ms
 
     def share(self, prefix: str) -> tuple[float, float]:
         """(share of the MACs, share of the kernel time) of the kinds whose name starts with ``prefix``."""
@@ -196,7 +196,7 @@ class Breakdown:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {**asdict(self), "overhead_ms": self.overhead_ms}
+        return asdict(self)
 
 
 def _options(threads: int, optimize: bool = True):
@@ -218,19 +218,59 @@ def _session(path: Path, options):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _optimized_nodes(path: Path) -> dict[str, tuple[str, int, str | None]]:
-    """Node name -> (layout, group, fused activation) of the optimized graph ONNX Runtime saved;
-    layout is ``nchwc`` for a node of ONNX Runtime's blocked-layout domain, else None."""
+@dataclass
+class _GraphNode:
+    """What the profiler does not say about a node of the optimized graph."""
+
+    layout: str | None  # "nchwc" for ONNX Runtime's blocked-layout kernels, "NHWC" for channels-last ones
+    group: int
+    activation: str | None  # fused into a convolution
+    kernel: list[int] | None  # the kernel_shape attribute
+    weight: list[int] | None  # the weight initializer's shape, when it is a logical [out, in / group, *kernel] one
+
+
+def _optimized_nodes(path: Path) -> dict[str, _GraphNode]:
+    """Node name -> :class:`_GraphNode` of the optimized graph ONNX Runtime saved (empty if it saved none)."""
     import onnx
 
     if not path.is_file():
         return {}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name: list(t.dims) for t in graph.initializer}
     out = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    for node in graph.node:
         activation = _attr(node, "activation", None)
-        out[node.name] = ("nchwc" if node.domain.endswith("nchwc") else None, int(_attr(node, "group", 1)),
-                          activation.decode() if isinstance(activation, bytes) else activation)
+        kernel = _attr(node, "kernel_shape", None)
+        weight = None
+        if node.op_type in CONV_OPS and len(node.input) > CONV_OPS[node.op_type]:
+            weight = initializers.get(node.input[CONV_OPS[node.op_type]])
+        layout = "nchwc" if node.domain.endswith("nchwc") else "NHWC" if _attr(node, "channels_last", 0) else None
+        out[node.name] = _GraphNode(layout, int(_attr(node, "group", 1)),
+                                    activation.decode() if isinstance(activation, bytes) else activation,
+                                    list(kernel) if kernel else None, _logical(weight, kernel))
     return out
+
+
+def _logical(weight: list[int] | None, kernel: list[int] | None) -> list[int] | None:
+    """``weight`` if it has the logical convolution layout ``[out, in / group, *kernel]`` (blocked
+    layouts reorder and pad it; a pre-packed int8 weight may be absent), else None."""
+    if not weight or len(weight) < 3:
+        return None
+    if kernel is not None and (len(weight) != 2 + len(kernel) or list(weight[2:]) != list(kernel)):
+        return None
+    return list(weight)
+
+
+def _conv_weight(node: _GraphNode | None, shapes: list[list[int] | None], op: str) -> tuple[int, list[int] | None]:
+    """(group, weight shape) of a profiled convolution: the optimized graph's, else what the profiler
+    recorded (its input shapes; group = input channels / the weight's input channels)."""
+    recorded = shapes[CONV_OPS[op]] if len(shapes) > CONV_OPS[op] else None
+    if node is not None:
+        return node.group, node.weight or _logical(recorded, node.kernel)
+    weight = _logical(recorded, None)
+    x = shapes[0] if shapes else None
+    group = max(1, x[1] // weight[1]) if weight and weight[1] and x and len(x) > 1 else 1
+    return group, weight
 
 
 def _shape(entry: Any) -> list[int] | None:
@@ -309,19 +349,19 @@ def ort_breakdown(path: str | Path, input_shape: tuple[int, ...], *, threads: in
                 op = args.get("op_name", "?")
                 shapes = [_shape(s) for s in args.get("input_type_shape", [])]
                 outputs = [_shape(s) for s in args.get("output_type_shape", [])]
-                layout, group, activation = graph.get(name, (None, None, None))
-                weight = None
-                if op in CONV_OPS and len(shapes) > CONV_OPS[op]:
-                    weight = shapes[CONV_OPS[op]]
-                    if group is None and weight and shapes[0] and len(weight) > 1 and weight[1]:
-                        group = max(1, shapes[0][1] // weight[1])
-                kind = op_kind(op, group or 1, weight)
+                node = graph.get(name)
+                group, weight = _conv_weight(node, shapes, op) if op in CONV_OPS else (1, None)
+                kind = op_kind(op, group, weight, node.kernel if node is not None else None)
+                layout, activation = (node.layout, node.activation) if node is not None else (None, None)
                 info = by_node[name] = {"kind": kind, "runs_as": op + (f" ({layout})" if layout else "")
                                         + (f" + {activation}" if activation else ""),
-                                        "us": 0.0, "output": outputs[0] if outputs else None}
-            info["us"] += float(e["dur"])
-    kernel_us = sum(i["us"] for i in by_node.values())
+                                        "durs": [], "output": outputs[0] if outputs else None}
+            info["durs"].append(float(e["dur"]))
     n = len(per_run)
+    for info in by_node.values():  # the median run of each node: one stalled run on a shared CPU does not count
+        info["us"] = statistics.median(info["durs"] + [0.0] * (n - len(info["durs"])))
+    kernel_us = sum(i["us"] for i in by_node.values())
+    outside_us = statistics.median(r - sum(float(e["dur"]) for e in events) for r, events in zip(run_us, per_run))
 
     kinds: dict[str, dict[str, Any]] = {}
     for info in by_node.values():
@@ -331,12 +371,12 @@ def ort_breakdown(path: str | Path, input_shape: tuple[int, ...], *, threads: in
         k["runs_as"].add(info["runs_as"])
     for kind in macs:  # a kind with MACs whose nodes did not run (fused away): shown with its MACs
         kinds.setdefault(kind, {"nodes": 0, "us": 0.0, "runs_as": set()})
-    ops = [OpTime(kind, k["nodes"], k["us"] / n / 1e3, k["us"] / kernel_us if kernel_us else 0.0, macs.get(kind, 0),
+    ops = [OpTime(kind, k["nodes"], k["us"] / 1e3, k["us"] / kernel_us if kernel_us else 0.0, macs.get(kind, 0),
                   macs.get(kind, 0) / total_macs if total_macs else 0.0, sorted(k["runs_as"]))
            for kind, k in kinds.items()]
     ops.sort(key=lambda o: (-o.ms, o.kind))
     slowest = sorted(by_node.items(), key=lambda item: -item[1]["us"])[:top]
-    top_nodes = [NodeTime(name, i["kind"], i["runs_as"], i["us"] / n / 1e3, i["us"] / kernel_us if kernel_us else 0.0,
+    top_nodes = [NodeTime(name, i["kind"], i["runs_as"], i["us"] / 1e3, i["us"] / kernel_us if kernel_us else 0.0,
                           i["output"]) for name, i in slowest]
 
     plain_ms = None
@@ -351,8 +391,8 @@ def ort_breakdown(path: str | Path, input_shape: tuple[int, ...], *, threads: in
             session.run(None, feed)
             times.append((time.perf_counter() - start) * 1e3)
         plain_ms = statistics.median(times)
-    return Breakdown(str(path), tuple(input_shape), threads, warmup, n, statistics.mean(run_us) / 1e3,
-                     kernel_us / n / 1e3, plain_ms, total_macs, ops, top_nodes, len(by_node), notes)
+    return Breakdown(str(path), tuple(input_shape), threads, warmup, n, statistics.median(run_us) / 1e3,
+                     kernel_us / 1e3, outside_us / 1e3, plain_ms, total_macs, ops, top_nodes, len(by_node), notes)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -377,8 +417,9 @@ def overhead_line(b: Breakdown) -> str:
     share = b.overhead_ms / b.run_ms if b.run_ms else 0.0
     plain = (f"; without the profiler a run takes {_ms(b.plain_ms)} ms (median of {b.runs})"
              if b.plain_ms is not None else "")
-    return (f"A profiled run takes {_ms(b.run_ms)} ms (mean of {b.runs}, {b.nodes_per_run} nodes): "
-            f"{_ms(b.kernel_ms)} ms inside the node kernels and {_ms(b.overhead_ms)} ms ({_pct(share)}) outside them "
+    return (f"A profiled run takes {_ms(b.run_ms)} ms (median of {b.runs}, {b.nodes_per_run} nodes): "
+            f"{_ms(b.kernel_ms)} ms inside the node kernels (the sum of each node's median) and {_ms(b.overhead_ms)} "
+            f"ms ({_pct(share)}) outside them (median over the runs) "
             f"(executor, memory planning, input/output copies, the profiler's own bookkeeping){plain}.")
 
 
@@ -398,8 +439,8 @@ def breakdown_markdown(b: Breakdown, *, peak_gflops: float | None = None) -> str
     top = [[i + 1, f"`{t.name}`", t.kind, t.runs_as, _ms(t.ms), _pct(t.time_share),
             "×".join(map(str, t.output_shape)) if t.output_shape else "—"] for i, t in enumerate(b.top)]
     parts = [
-        f"Input {'×'.join(map(str, b.input_shape))}, {b.threads} thread(s), {b.runs} profiled runs after {b.warmup} "
-        f"warm-up; MACs counted on the ONNX graph: {b.total_macs / 1e6:.1f} M.",
+        (f"Input {'×'.join(map(str, b.input_shape))}, {b.threads} thread(s), {b.runs} profiled runs after {b.warmup} "
+         f"warm-up; MACs counted on the ONNX graph: {b.total_macs / 1e6:.1f} M."),
         "",
         _table(headers, rows),
         "",
