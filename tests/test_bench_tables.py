@@ -30,3 +30,50 @@ def test_breakdown_sentences_without_depthwise_convolutions():
 
     text = breakdown_sentences(_breakdown([OpTime("Conv k×k", 2, 0.8, 1.0, 1_000_000, 1.0, ["Conv"])]), peak=50.0)
     assert text[0] == "The graph has no depthwise convolutions."
+
+
+def test_resolution_overrides_make_one_data_config_for_every_size(tmp_path):
+    from benchmarks.bench_resolution import CONFIG, COUNTS, overrides
+    from distill.config import load_config
+
+    cfgs = [load_config(CONFIG, overrides(tmp_path, 3, "mobilenetv3_large_100", size, epochs=8, render=224,
+                                          counts=COUNTS)) for size in (224, 160, 128)]
+    assert [c.student.img_size for c in cfgs] == [224, 160, 128]
+    assert all(c.data == cfgs[0].data for c in cfgs)  # one split, one set of renders
+    syn = cfgs[0].data.synthetic
+    assert (syn.image_size, syn.num_train, syn.num_val, syn.num_test) == (224, 600, 200, 300)
+    assert tuple(syn.severity) == (0.3, 0.7)
+    assert {(c.student.arch, c.student.pretrained, c.student.epochs, c.run.seed) for c in cfgs} == {
+        ("mobilenetv3_large_100", False, 8, 3)}
+
+
+def test_resolution_table_and_verdicts_come_from_the_cells():
+    from benchmarks.bench_resolution import Cell, Cost, tables
+
+    def cell(auroc):
+        return Cell(auroc=auroc, f1=0.5, ci=(auroc - 0.05, auroc + 0.05), epochs=8, seconds=10.0)
+
+    results = {0: {("s", 224): cell(0.95), ("s", 160): cell(0.945), ("s", 128): cell(0.90)},
+               1: {("s", 224): cell(0.97), ("s", 160): cell(0.96), ("s", 128): cell(0.91)}}
+    costs = {("s", 224): Cost(200_000_000, 4_000_000, 2.0), ("s", 160): Cost(100_000_000, 4_000_000, None,
+                                                                            "withheld (busy CPU)"),
+             ("s", 128): Cost(50_000_000, 4_000_000, 0.8)}
+    table, verdicts = tables(results, costs, ["s"], [128, 224, 160])
+    lines = table.splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["224 px", "160 px", "128 px"]  # largest first
+    assert "| 0.960 ± 0.014 |" in lines[2]  # mean ± std over the two seeds
+    assert "-0.008 ± 0.004" in lines[3] and "0.50×" in lines[3] and "withheld (busy CPU)" in lines[3]
+    assert "-0.055 ± 0.007" in lines[4] and "0.25×" in lines[4]
+    assert "[0.900, 1.000]; [0.920, 1.020]" in lines[2]  # one interval per seed
+    assert "160 px -0.008 (0.50× the MACs), 128 px -0.055 (0.25× the MACs)" in verdicts[0]
+    assert "The smallest size within 0.01 AUROC of 224 px is **160 px**." in verdicts[0]
+
+
+def test_resolution_verdict_when_every_smaller_size_loses():
+    from benchmarks.bench_resolution import Cell, Cost, tables
+
+    results = {0: {("s", 224): Cell(0.95, 0.5, (0.9, 1.0), 8, 1.0), ("s", 128): Cell(0.90, 0.5, (0.85, 0.95), 8, 1.0)}}
+    costs = {("s", 224): Cost(4, 1), ("s", 128): Cost(1, 1)}
+    _, verdicts = tables(results, costs, ["s"], [224, 128])
+    assert "No smaller size stays within 0.01 AUROC of 224 px." in verdicts[0]
+    assert "One seed" in verdicts[0]
