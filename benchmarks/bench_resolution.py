@@ -14,8 +14,8 @@ own ``baseline_stage`` for the same epochs at every size, on the same images: ea
 224 px renders resized to it (``PreparedData`` renders once at the renderer's size and resizes;
 one process shares the renders across sizes). Per (student, size): test AUROC (with its 95%
 stratified bootstrap interval, :func:`profiling.report.quality.bootstrap_ci`), F1 at the threshold
-chosen on validation (``eval.threshold: f1``), MACs and params (fvcore, as everywhere in the
-project) and, unless ``--no-latency``, the ONNX Runtime batch-1 median (fp32, every usable core,
+chosen on validation (``eval.threshold: f1``), MACs (fvcore, BatchNorm folded, as everywhere in
+the project) and params and, unless ``--no-latency``, the ONNX Runtime batch-1 median (fp32, every usable core,
 :func:`profiling.cost.profile_model.profile_model` with the busy-CPU guard: a figure timed while
 other processes used the CPU is withheld unless ``--allow-busy``). With several ``--seeds`` (each
 draws the images, the initialisation and every batch) the accuracy is mean ± std over the seeds.
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import OUT, LoadWatch, md_table, record
-from core.rundir import read_predictions
+from core.rundir import PREDICTIONS, RECORD, read_predictions
 from data.prepare import prepare_data
 from distill.config import Config, load_config
 from distill.stages import Context, baseline_stage
@@ -83,7 +83,7 @@ class Cell:
     f1: float
     ci: tuple[float, float]  # 95% bootstrap interval of the test AUROC
     epochs: int
-    seconds: float
+    seconds: float | None  # training and scoring; None when the model was finished by an earlier run
 
 
 @dataclass
@@ -138,10 +138,10 @@ def _link(target: Path, link: Path) -> None:
         os.symlink(os.path.relpath(target, link.parent), link)
 
 
-def _score(stage_dir: Path, seconds: float) -> Cell:
+def _score(stage_dir: Path, seconds: float | None) -> Cell:
     meta = load_meta(stage_dir)
     test = meta["metrics"]["test"]
-    scores = read_predictions(stage_dir / "predictions.csv")["test"]
+    scores = read_predictions(stage_dir / PREDICTIONS)["test"]
     ci = bootstrap_ci(scores.probs, scores.labels, meta["threshold"], ("auroc",), n=BOOTSTRAP)["auroc"]
     return Cell(test["auroc"], test["f1"], ci, meta["epochs_run"], seconds)
 
@@ -162,12 +162,15 @@ def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str
             _link(seed_dir / "data_run" / "data", cell_dir / "data")
             cfg: Config = load_config(CONFIG, overrides(root, seed, student, size, epochs=args.epochs, **settings))
             assert cfg.data == base.data  # one split and one set of renders for every size
+            earlier = (cell_dir / STAGE / RECORD).is_file()  # resumed: its time is not this run's
             seed_everything(seed)
             t0 = time.perf_counter()
             baseline_stage(Context(cfg, cell_dir, data, device, log))
-            out[(student, size)] = cell = _score(cell_dir / STAGE, time.perf_counter() - t0)
+            seconds = None if earlier else time.perf_counter() - t0
+            out[(student, size)] = cell = _score(cell_dir / STAGE, seconds)
             log(f"[bench] seed {seed} {student} @{size}: test AUROC {cell.auroc:.4f} "
-                f"[{cell.ci[0]:.3f}, {cell.ci[1]:.3f}], F1 {cell.f1:.3f} ({cell.seconds:.0f} s)")
+                f"[{cell.ci[0]:.3f}, {cell.ci[1]:.3f}], F1 {cell.f1:.3f}"
+                + (f" ({seconds:.0f} s)" if seconds is not None else " (finished earlier)"))
     return out
 
 
@@ -176,7 +179,7 @@ def measure_cost(stage_dir: Path, size: int, *, latency: bool, threads: int, all
     from deploy.export import export_onnx
 
     net = load_model(stage_dir).net.eval()
-    cost = Cost(count_macs(net, torch.zeros(1, 3, size, size)).macs, count_params(net))
+    cost = Cost(count_macs(net, torch.zeros(1, 3, size, size)).macs_bn_folded, count_params(net))
     if not latency:
         cost.latency_note = "not timed (--no-latency)"
         return cost
@@ -197,6 +200,13 @@ def _mean_sd(values: list[float], digits: int = 3) -> str:
     if len(values) < 2:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _seconds(cells: list[Cell]) -> str:
+    timed = [c.seconds for c in cells if c.seconds is not None]
+    if not timed:
+        return "— (finished earlier)"
+    return f"{statistics.mean(timed):.0f}" + (f" ({len(timed)} of {len(cells)} seeds)" if len(timed) < len(cells) else "")
 
 
 def _signed(values: list[float]) -> str:
@@ -225,7 +235,7 @@ def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[st
                          _mean_sd([c.f1 for c in cells]), "—" if size == largest else _signed(delta),
                          f"{cost.macs / 1e6:.1f}", f"{cost.macs / ref_cost.macs:.2f}×", f"{cost.params / 1e6:.2f}",
                          f"{cost.latency_ms:.3g}" if cost.latency_ms is not None else cost.latency_note,
-                         f"{statistics.mean(c.seconds for c in cells):.0f}"])
+                         _seconds(cells)])
             if size != largest and statistics.mean(delta) >= -WITHIN:
                 kept.append(size)
         drops = ", ".join(
@@ -285,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         f"image cycles through {syn.variants} renders); every size reads the same renders resized. Students from "
         f"scratch (`baseline_stage`), {args.epochs} epoch(s) at every size, batch {st.batch_size}, lr {st.lr:g}; "
         f"seeds {seeds}. Test AUROC is threshold-free (95% stratified bootstrap interval, {BOOTSTRAP} resamples); F1 "
-        f"at the threshold chosen on validation ({cfg.eval.threshold}). MACs and params: fvcore, per image. Latency: "
+        f"at the threshold chosen on validation ({cfg.eval.threshold}). MACs (fvcore, BatchNorm folded) and params: "
+        "per image. Latency: "
         + ("not timed." if args.no_latency else
            f"ONNX Runtime fp32, batch 1, {threads} thread(s), median of {3 if args.quick else 30} runs (seed "
            f"{seeds[0]}'s model; the weights do not change it)."),
