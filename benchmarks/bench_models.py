@@ -459,8 +459,8 @@ def breakdown_section(models: list[Model], results: dict[str, Breakdown | str], 
             continue
         fv = model.profiles[1]["macs"]
         lines += [" ".join(breakdown_sentences(b, peak)),
-                  f"(MACs: {b.total_macs / 1e6:.1f} M on the ONNX graph, {fv / 1e6:.1f} M by fvcore with BatchNorm folded, "
-                  "as in the tables above.)", "",
+                  (f"(MACs: {b.total_macs / 1e6:.1f} M on the ONNX graph, {fv / 1e6:.1f} M by fvcore with BatchNorm folded, "
+                   "as in the tables above.)"), "",
                   breakdown_markdown(b, peak_gflops=peak)]
     return lines
 
