@@ -351,7 +351,8 @@ def targets_table(models: list[Model]) -> str:
         model = d.model
         label = model.label if model.role == "pruned" else f"{model.label} (reference: unpruned)"
         if d.runtime is None:
-            rows.append([label, "—", d.note, "—", "n/a", f"{100 * d.share:.2f}%", _verdict(d.share <= MAC_SHARE_MAX),
+            rows.append([label, "—", d.note, "—", "n/a", f"{100 * d.share:.2f}%",
+                         _verdict(d.share <= MAC_SHARE_MAX),
                          "—", "n/a"])
             continue
         # the best of what was timed; an untimed runtime might have been faster
@@ -459,8 +460,8 @@ def breakdown_section(models: list[Model], results: dict[str, Breakdown | str], 
             continue
         fv = model.profiles[1]["macs"]
         lines += [" ".join(breakdown_sentences(b, peak)),
-                  (f"(MACs: {b.total_macs / 1e6:.1f} M on the ONNX graph, {fv / 1e6:.1f} M by fvcore with BatchNorm folded, "
-                   "as in the tables above.)"), "",
+                  (f"(MACs: {b.total_macs / 1e6:.1f} M on the ONNX graph, {fv / 1e6:.1f} M by fvcore with BatchNorm "
+                   "folded, as in the tables above.)"), "",
                   breakdown_markdown(b, peak_gflops=peak)]
     return lines
 

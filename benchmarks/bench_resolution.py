@@ -206,7 +206,8 @@ def _seconds(cells: list[Cell]) -> str:
     timed = [c.seconds for c in cells if c.seconds is not None]
     if not timed:
         return "— (finished earlier)"
-    return f"{statistics.mean(timed):.0f}" + (f" ({len(timed)} of {len(cells)} seeds)" if len(timed) < len(cells) else "")
+    partial = f" ({len(timed)} of {len(cells)} seeds)" if len(timed) < len(cells) else ""
+    return f"{statistics.mean(timed):.0f}{partial}"
 
 
 def _signed(values: list[float]) -> str:
@@ -239,12 +240,13 @@ def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[st
             if size != largest and statistics.mean(delta) >= -WITHIN:
                 kept.append(size)
         drops = ", ".join(
-            f"{size} px {statistics.mean(results[s][(student, size)].auroc - results[s][(student, largest)].auroc for s in seeds):+.3f} "
+            f"{size} px {statistics.mean(results[s][(student, size)].auroc - r for s, r in zip(seeds, ref)):+.3f} "
             f"({costs[(student, size)].macs / ref_cost.macs:.2f}× the MACs)"
             for size in sorted(sizes, reverse=True) if size != largest)
         smallest = min(kept) if kept else None
         verdicts.append(
-            f"- {student}: test AUROC against {largest} px (mean over {len(seeds)} seed(s)): {drops or 'one size only'}. "
+            f"- {student}: test AUROC against {largest} px (mean over {len(seeds)} seed(s)): "
+            f"{drops or 'one size only'}. "
             + (f"The smallest size within {WITHIN} AUROC of {largest} px is **{smallest} px**."
                if smallest is not None else
                f"No smaller size stays within {WITHIN} AUROC of {largest} px.")

@@ -77,3 +77,19 @@ def test_resolution_verdict_when_every_smaller_size_loses():
     _, verdicts = tables(results, costs, ["s"], [224, 128])
     assert "No smaller size stays within 0.01 AUROC of 224 px." in verdicts[0]
     assert "One seed" in verdicts[0]
+
+
+def test_breakdown_section_renders_each_profiled_student_and_says_why_one_is_missing():
+    from types import SimpleNamespace
+
+    from benchmarks.bench_models import breakdown_section
+
+    models = [SimpleNamespace(key="a", label="pruned student (macs 0.3)", profiles={1: {"macs": 1_000_000}}),
+              SimpleNamespace(key="b", label="pruned student (macs 0.5)", profiles={1: {"macs": 2_000_000}})]
+    ops = [OpTime("Conv depthwise", 3, 0.8, 1.0, 1_000_000, 1.0, ["Conv (nchwc) + Relu"])]
+    text = "\n".join(breakdown_section(models, {"a": _breakdown(ops), "b": "it failed: Fail: boom"}, peak=50.0))
+    assert "### Where the batch-1 time goes (ONNX Runtime profiler)" in text
+    assert "#### pruned student (macs 0.3)" in text and "| Conv depthwise | 3 |" in text
+    assert "1.0 M on the ONNX graph, 1.0 M by fvcore" in text
+    assert "#### pruned student (macs 0.5)\n\nNot profiled: it failed: Fail: boom." in text
+    assert breakdown_section(models, {}, peak=50.0) == []  # every student within its target: no section

@@ -208,7 +208,8 @@ def _options(threads: int, optimize: bool = True):
     options.intra_op_num_threads = threads  # as deploy.runtime.onnx_session, which every timing here uses
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # saving an nchwc-optimized graph warns that it is machine-specific: it is read here only
+    # saving an nchwc-optimized graph warns that it is machine-specific: it is only read here
+    options.log_severity_level = 3
     return options
 
 
