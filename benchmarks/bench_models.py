@@ -16,6 +16,11 @@ on every usable core, and read against the targets of the issue:
 - with at most 1.5% of the teacher's MACs,
 - and within 2x of its own FLOP-limit time (``2 x MACs / fp32 matmul peak``).
 
+Where a deployed pruned student misses the last target at batch 1, ONNX Runtime's profiler
+(:mod:`profiling.cost.ort_breakdown`) shows why: time and MACs per operator kind (depthwise
+convolutions apart from dense ones), the slowest nodes, and the time spent outside the kernels,
+with sentences computed from that breakdown.
+
 ``--quick`` checks that the script runs (small models at 64 px, 3 timed runs, batch 1 and 2) and
 writes to ``benchmarks/out/RESULTS-quick.md``; its figures are not measurements.
 """
@@ -40,6 +45,7 @@ from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cp
 from distill.config import Config, load_config
 from profiling.cost.latency import matmul_peak_gflops
 from profiling.cost.machine import other_cpu_load, usable_cores
+from profiling.cost.ort_breakdown import Breakdown, breakdown_markdown, ort_breakdown
 from profiling.cost.profile_model import ModelEntry, profile_model
 from deploy.export import export_onnx, quantize_int8
 from deploy.openvino_runtime import openvino_version
@@ -56,6 +62,7 @@ SPEEDUP_MIN = 50.0  # deployed pruned student vs teacher eager, batch 1
 MAC_SHARE_MAX = 0.015  # of the teacher's MACs
 X_IDEAL_MAX = 2.0  # median / own FLOP-limit time
 DEPLOY_RUNTIMES = ("onnx", "onnx_int8", "openvino")  # openvino where the package is installed
+BREAKDOWN_TOP = 10  # slowest single nodes listed per profiled model
 CALIBRATION = (4, 8)  # batches x images of random-normal int8 calibration data
 
 
@@ -297,34 +304,64 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else "PASS" if ok else "FAIL"
 
 
-def targets_table(models: list[Model]) -> str:
-    """The deployed model (faster of ONNX fp32 / int8 at batch 1) of each student against the issue's targets."""
+@dataclass
+class Deployed:
+    """A student's deployed model at batch 1 (the fastest of :data:`DEPLOY_RUNTIMES` timed) against the targets."""
+
+    model: Model
+    runtime: str | None  # None: no deployment runtime was timed
+    note: str  # why another runtime was not compared ("" if all were)
+    ms: float | None
+    speedup: float | None
+    share: float  # of the teacher's MACs
+    x_ideal: float | None
+
+    @property
+    def x_ideal_ok(self) -> bool | None:
+        return None if self.x_ideal is None else self.x_ideal <= X_IDEAL_MAX
+
+
+def deployed(models: list[Model]) -> list[Deployed]:
+    """The deployed model of every student (``models[1:]``; ``models[0]`` is the teacher)."""
     teacher = models[0]
     teacher_ms = _median(teacher, "eager", 1)
     teacher_macs = teacher.profiles[1]["macs"]
-    rows = []
+    out = []
     for model in models[1:]:
         candidates = [(_median(model, r, 1), r) for r in DEPLOY_RUNTIMES if r in _runtimes(model.entry)]
         timed = [(ms, r) for ms, r in candidates if ms is not None]
         share = model.profiles[1]["macs"] / teacher_macs
-        label = model.label if model.role == "pruned" else f"{model.label} (reference: unpruned)"
         if not timed:
-            rows.append([label, "—", _missing(_latency(model, "onnx", 1)), "—", "n/a",
-                         f"{100 * share:.2f}%", _verdict(share <= MAC_SHARE_MAX), "—", "n/a"])
+            out.append(Deployed(model, None, _missing(_latency(model, "onnx", 1)), None, None, share, None))
             continue
         ms, runtime = min(timed)
         untimed = [r for m, r in candidates if m is None]
-        if untimed:  # the best of what was timed; the other might have been faster
-            runtime += f" ({', '.join(untimed)}: {_missing(_latency(model, untimed[0], 1))})"
-        speedup = teacher_ms / ms if teacher_ms is not None else None
+        note = f"{', '.join(untimed)}: {_missing(_latency(model, untimed[0], 1))}" if untimed else ""
         ideal = _ideal(model, 1)
-        x_ideal = ms / ideal if ideal else None
-        rows.append([label, runtime, _num(ms),
-                     f"{speedup:.1f}×" if speedup is not None else _missing(_latency(teacher, "eager", 1)),
-                     _verdict(None if speedup is None else speedup >= SPEEDUP_MIN),
-                     f"{100 * share:.2f}%", _verdict(share <= MAC_SHARE_MAX),
-                     f"{x_ideal:.2f}×" if x_ideal is not None else "—",
-                     _verdict(None if x_ideal is None else x_ideal <= X_IDEAL_MAX)])
+        out.append(Deployed(model, runtime, note, ms, teacher_ms / ms if teacher_ms is not None else None, share,
+                            ms / ideal if ideal else None))
+    return out
+
+
+def targets_table(models: list[Model]) -> str:
+    """The deployed model (faster of ONNX fp32 / int8 at batch 1) of each student against the issue's targets."""
+    teacher = models[0]
+    rows = []
+    for d in deployed(models):
+        model = d.model
+        label = model.label if model.role == "pruned" else f"{model.label} (reference: unpruned)"
+        if d.runtime is None:
+            rows.append([label, "—", d.note, "—", "n/a", f"{100 * d.share:.2f}%",
+                         _verdict(d.share <= MAC_SHARE_MAX),
+                         "—", "n/a"])
+            continue
+        # the best of what was timed; an untimed runtime might have been faster
+        runtime = d.runtime + (f" ({d.note})" if d.note else "")
+        rows.append([label, runtime, _num(d.ms),
+                     f"{d.speedup:.1f}×" if d.speedup is not None else _missing(_latency(teacher, "eager", 1)),
+                     _verdict(None if d.speedup is None else d.speedup >= SPEEDUP_MIN),
+                     f"{100 * d.share:.2f}%", _verdict(d.share <= MAC_SHARE_MAX),
+                     f"{d.x_ideal:.2f}×" if d.x_ideal is not None else "—", _verdict(d.x_ideal_ok)])
     return md_table(["deployed model", "runtime (best at batch 1)", "median ms", "speed-up vs teacher eager b1",
                      f"≥ {SPEEDUP_MIN:g}×", "% of teacher MACs", f"≤ {100 * MAC_SHARE_MAX:g}%", "× own ideal",
                      f"≤ {X_IDEAL_MAX:g}×"], rows)
@@ -344,7 +381,93 @@ def pruning_table(models: list[Model]) -> str:
                      "MACs kept", "params (M)"], rows)
 
 
-def report(cfg: Config, models: list[Model], s: Settings, threads: int, peak: float, notes: list[str]) -> str:
+# --- where the batch-1 time goes ----------------------------------------------------------------
+
+
+def _deployed_file(d: Deployed) -> Path | None:
+    """The ONNX file ONNX Runtime profiles for a deployed model: int8 where int8 was the fastest, else
+    fp32 (OpenVINO runs that same fp32 file)."""
+    entry = d.model.entry
+    return entry.onnx_int8 if d.runtime == "onnx_int8" else entry.onnx
+
+
+def profile_breakdowns(models: list[Model], s: Settings, threads: int) -> dict[str, Breakdown | str]:
+    """ONNX Runtime's profiler breakdown (model key -> :class:`Breakdown`, or why there is none) of
+    every deployed pruned student that misses the ``× own ideal`` target at batch 1."""
+    out: dict[str, Breakdown | str] = {}
+    for d in deployed(models):
+        if d.model.role != "pruned" or d.x_ideal_ok is not False:
+            continue
+        path = _deployed_file(d)
+        size = d.model.entry.img_size
+        start = time.perf_counter()
+        try:
+            out[d.model.key] = ort_breakdown(path, (1, 3, size, size), threads=threads, warmup=s.warmup,
+                                             runs=s.runs, top=BREAKDOWN_TOP)
+        except Exception as exc:  # noqa: BLE001 (ONNX Runtime's errors derive from Exception alone)
+            # after every timing: say what failed rather than lose the run's figures
+            out[d.model.key] = f"the profiler breakdown of `{path.name}` failed: {type(exc).__name__}: {exc}"
+        print(f"profiled {d.model.label} ({path.name}) node by node in {time.perf_counter() - start:.0f} s",
+              flush=True)
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if x >= 0.01 or x == 0 else f"{100 * x:.1f}%"
+
+
+def breakdown_sentences(b: Breakdown, peak: float) -> list[str]:
+    """What the breakdown says, computed from it: the depthwise convolutions' share of the MACs and
+    of the kernel time, the slowest kind, and how far the kernels alone are from the FLOP limit."""
+    rows = {o.kind: o for o in b.ops}
+    dw = rows.get("Conv depthwise")
+    lines = []
+    if dw is not None and dw.nodes:
+        reach = f", reaching {dw.gflops:.1f} GFLOP/s ({_pct(dw.gflops / peak)} of the fp32 matmul peak)" if dw.gflops \
+            else ""
+        lines.append(f"Depthwise convolutions hold {_pct(dw.mac_share)} of the MACs and {_pct(dw.time_share)} of the "
+                     f"kernel time{reach}.")
+    else:
+        lines.append("The graph has no depthwise convolutions.")
+    slowest = b.ops[0]
+    lines.append(f"The slowest kind is {slowest.kind} ({slowest.nodes} nodes): {_pct(slowest.time_share)} of the "
+                 f"kernel time for {_pct(slowest.mac_share)} of the MACs.")
+    ideal = 2 * b.total_macs / (peak * 1e6)
+    without = sum(o.time_share for o in b.ops if not o.macs)
+    lines.append(f"The kernels alone take {b.kernel_ms / ideal:.1f}× the FLOP-limit time of the graph's MACs "
+                 f"({ideal:.3f} ms at {peak:.1f} GFLOP/s); nodes that compute no MACs (layout reorders, "
+                 f"element-wise ops, pooling) take {_pct(without)} of the kernel time, and "
+                 f"{_pct(b.overhead_ms / b.run_ms)} of a profiled run is spent outside the kernels.")
+    return lines
+
+
+def breakdown_section(models: list[Model], results: dict[str, Breakdown | str], peak: float) -> list[str]:
+    if not results:
+        return []
+    by_key = {m.key: m for m in models}
+    lines = ["", "### Where the batch-1 time goes (ONNX Runtime profiler)", "",
+             (f"Each deployed pruned student over {X_IDEAL_MAX:g}× its own FLOP-limit time, run once more in ONNX "
+              "Runtime with `SessionOptions.enable_profiling` (`profiling/cost/ort_breakdown.py`): the file that was "
+              "deployed (int8 where int8 was the fastest; OpenVINO runs the fp32 file, profiled here in ONNX Runtime), "
+              "same threads and runs as above. Times are per node of ONNX Runtime's optimized graph (activations fused "
+              "into the convolutions, `nchwc` blocked layouts with their reorder nodes); MACs are counted on the ONNX "
+              "graph, convolutions told apart by their `group` and weight shape; GFLOP/s reached = 2 × MACs / time.")]
+    for key, b in results.items():
+        model = by_key[key]
+        lines += ["", f"#### {model.label}", ""]
+        if isinstance(b, str):
+            lines.append(f"Not profiled: {b}.")
+            continue
+        fv = model.profiles[1]["macs"]
+        lines += [" ".join(breakdown_sentences(b, peak)),
+                  (f"(MACs: {b.total_macs / 1e6:.1f} M on the ONNX graph, {fv / 1e6:.1f} M by fvcore with BatchNorm "
+                   "folded, as in the tables above.)"), "",
+                  breakdown_markdown(b, peak_gflops=peak)]
+    return lines
+
+
+def report(cfg: Config, models: list[Model], s: Settings, threads: int, peak: float, notes: list[str],
+           breakdowns: dict[str, Breakdown | str] | None = None) -> str:
     p = cfg.prune
     teacher_b1 = models[0].profiles.get(1, {}).get("latency", {}).get("eager_b1") or {}
     teacher_line = (f"{_num(teacher_b1['median_ms'])} ms" if teacher_b1.get("median_ms") is not None
@@ -383,6 +506,7 @@ def report(cfg: Config, models: list[Model], s: Settings, threads: int, peak: fl
         "### Targets (deployed = the faster of ONNX fp32 and int8 at batch 1)",
         "",
         targets_table(models) if 1 in s.batch_sizes else "Not checked: batch 1 was not measured.",
+        *breakdown_section(models, breakdowns or {}, peak),
     ]
     return "\n".join(lines)
 
@@ -438,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak_gflops(threads)
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s with {threads} thread(s)", flush=True)
     measure_all(models, s, threads, peak, notes)
-    body = report(cfg, models, s, threads, peak, notes)
+    breakdowns = profile_breakdowns(models, s, threads) if 1 in s.batch_sizes else {}
+    body = report(cfg, models, s, threads, peak, notes, breakdowns)
     record("Teacher, student, pruned students and int8: cost, latency and the FLOP limit", body,
            quick=args.quick, load_before=load_before, watch=watch, wall_s=time.perf_counter() - started)
 

@@ -1,0 +1,95 @@
+"""The sentences and tables benchmarks compute from their figures (no benchmark is run here)."""
+
+from __future__ import annotations
+
+from profiling.cost.ort_breakdown import Breakdown, OpTime
+
+
+def _breakdown(ops: list[OpTime]) -> Breakdown:
+    return Breakdown("m.onnx", (1, 3, 64, 64), threads=2, warmup=1, runs=3, run_ms=1.0, kernel_ms=0.8,
+                     overhead_ms=0.2, plain_ms=0.9, total_macs=1_000_000, ops=ops, top=[], nodes_per_run=10)
+
+
+def test_breakdown_sentences_are_computed_from_the_breakdown():
+    from benchmarks.bench_models import breakdown_sentences
+
+    ops = [OpTime("Conv 1×1", 5, 0.4, 0.5, 600_000, 0.6, ["Conv"]),
+           OpTime("Conv depthwise", 3, 0.24, 0.3, 250_000, 0.25, ["Conv"]),
+           OpTime("ReorderInput", 4, 0.16, 0.2, 0, 0.0, ["ReorderInput (nchwc)"])]
+    text = " ".join(breakdown_sentences(_breakdown(ops), peak=50.0))
+    # 2 x 250k MACs in 0.24 ms = 2.08 GFLOP/s, 4% of 50
+    assert "Depthwise convolutions hold 25% of the MACs and 30% of the kernel time, reaching 2.1 GFLOP/s (4%" in text
+    assert "The slowest kind is Conv 1×1 (5 nodes): 50% of the kernel time for 60% of the MACs." in text
+    # FLOP limit of 1 M MACs at 50 GFLOP/s: 0.04 ms; kernels 0.8 ms = 20x; MAC-free nodes 20%; outside 20% of 1 ms
+    assert "The kernels alone take 20.0× the FLOP-limit time" in text
+    assert "take 20% of the kernel time, and 20% of a profiled run" in text
+
+
+def test_breakdown_sentences_without_depthwise_convolutions():
+    from benchmarks.bench_models import breakdown_sentences
+
+    text = breakdown_sentences(_breakdown([OpTime("Conv k×k", 2, 0.8, 1.0, 1_000_000, 1.0, ["Conv"])]), peak=50.0)
+    assert text[0] == "The graph has no depthwise convolutions."
+
+
+def test_resolution_overrides_make_one_data_config_for_every_size(tmp_path):
+    from benchmarks.bench_resolution import CONFIG, COUNTS, overrides
+    from distill.config import load_config
+
+    cfgs = [load_config(CONFIG, overrides(tmp_path, 3, "mobilenetv3_large_100", size, epochs=8, render=224,
+                                          counts=COUNTS)) for size in (224, 160, 128)]
+    assert [c.student.img_size for c in cfgs] == [224, 160, 128]
+    assert all(c.data == cfgs[0].data for c in cfgs)  # one split, one set of renders
+    syn = cfgs[0].data.synthetic
+    assert (syn.image_size, syn.num_train, syn.num_val, syn.num_test) == (224, 600, 200, 300)
+    assert tuple(syn.severity) == (0.3, 0.7)
+    assert {(c.student.arch, c.student.pretrained, c.student.epochs, c.run.seed) for c in cfgs} == {
+        ("mobilenetv3_large_100", False, 8, 3)}
+
+
+def test_resolution_table_and_verdicts_come_from_the_cells():
+    from benchmarks.bench_resolution import Cell, Cost, tables
+
+    def cell(auroc):
+        return Cell(auroc=auroc, f1=0.5, ci=(auroc - 0.05, auroc + 0.05), epochs=8, seconds=10.0)
+
+    results = {0: {("s", 224): cell(0.95), ("s", 160): cell(0.945), ("s", 128): cell(0.90)},
+               1: {("s", 224): cell(0.97), ("s", 160): cell(0.96), ("s", 128): cell(0.91)}}
+    costs = {("s", 224): Cost(200_000_000, 4_000_000, 2.0), ("s", 160): Cost(100_000_000, 4_000_000, None,
+                                                                            "withheld (busy CPU)"),
+             ("s", 128): Cost(50_000_000, 4_000_000, 0.8)}
+    table, verdicts = tables(results, costs, ["s"], [128, 224, 160])
+    lines = table.splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["224 px", "160 px", "128 px"]  # largest first
+    assert "| 0.960 ± 0.014 |" in lines[2]  # mean ± std over the two seeds
+    assert "-0.008 ± 0.004" in lines[3] and "0.50×" in lines[3] and "withheld (busy CPU)" in lines[3]
+    assert "-0.055 ± 0.007" in lines[4] and "0.25×" in lines[4]
+    assert "[0.900, 1.000]; [0.920, 1.020]" in lines[2]  # one interval per seed
+    assert "160 px -0.008 (0.50× the MACs), 128 px -0.055 (0.25× the MACs)" in verdicts[0]
+    assert "The smallest size within 0.01 AUROC of 224 px is **160 px**." in verdicts[0]
+
+
+def test_resolution_verdict_when_every_smaller_size_loses():
+    from benchmarks.bench_resolution import Cell, Cost, tables
+
+    results = {0: {("s", 224): Cell(0.95, 0.5, (0.9, 1.0), 8, 1.0), ("s", 128): Cell(0.90, 0.5, (0.85, 0.95), 8, 1.0)}}
+    costs = {("s", 224): Cost(4, 1), ("s", 128): Cost(1, 1)}
+    _, verdicts = tables(results, costs, ["s"], [224, 128])
+    assert "No smaller size stays within 0.01 AUROC of 224 px." in verdicts[0]
+    assert "One seed" in verdicts[0]
+
+
+def test_breakdown_section_renders_each_profiled_student_and_says_why_one_is_missing():
+    from types import SimpleNamespace
+
+    from benchmarks.bench_models import breakdown_section
+
+    models = [SimpleNamespace(key="a", label="pruned student (macs 0.3)", profiles={1: {"macs": 1_000_000}}),
+              SimpleNamespace(key="b", label="pruned student (macs 0.5)", profiles={1: {"macs": 2_000_000}})]
+    ops = [OpTime("Conv depthwise", 3, 0.8, 1.0, 1_000_000, 1.0, ["Conv (nchwc) + Relu"])]
+    text = "\n".join(breakdown_section(models, {"a": _breakdown(ops), "b": "it failed: Fail: boom"}, peak=50.0))
+    assert "### Where the batch-1 time goes (ONNX Runtime profiler)" in text
+    assert "#### pruned student (macs 0.3)" in text and "| Conv depthwise | 3 |" in text
+    assert "1.0 M on the ONNX graph, 1.0 M by fvcore" in text
+    assert "#### pruned student (macs 0.5)\n\nNot profiled: it failed: Fail: boom." in text
+    assert breakdown_section(models, {}, peak=50.0) == []  # every student within its target: no section
