@@ -27,14 +27,21 @@ import shutil
 import subprocess
 import sys
 import time
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.common import OUT, LoadWatch, md_table, record, wait_for_idle_cpu
 from distill.run import STAGES
-from profiling.cost.machine import other_cpu_load
+from profiling.cost.latency import matmul_peak_gflops
+from profiling.cost.machine import other_cpu_load, usable_cores
 
 CONFIG = "configs/quickstart.yaml"
 TARGET_S = 300.0
+#: Wall-time targets by machine class: (name, fp32 matmul peak GFLOP/s at 2 threads, seconds).
+MACHINE_TARGETS = (("2-core Intel Xeon", 243.0, 300.0), ("2-core AMD EPYC", 90.0, 420.0))
+TEACHER_MIN = 0.98  # test AUROC of the quickstart's teacher, on every seed
+STUDENT_GAP = 0.01  # student and pruned student within this much of the teacher
 QUICK = ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.num_test=32",
          "teacher.epochs=1", "student.epochs=1", "prune.epochs=1", "export.models=[student_pruned]",
          "profile.runtimes=[onnx]"]
@@ -105,10 +112,79 @@ def _stage_shares(child: Child) -> tuple[dict[str, float], float, float]:
     return shares, startup, child.wall_s - previous
 
 
+def seed_row(seed: int, wall_s: float, shares: dict[str, float], report: dict) -> tuple[list[str], bool]:
+    """One seed's table row and whether it meets the margin targets and the report's constraints."""
+    models = report.get("models", {})
+
+    def auroc(name: str) -> float | None:
+        value = (models.get(name) or {}).get("test", {}).get("auroc")
+        return None if value is None else float(value)
+
+    teacher, student, pruned = auroc("teacher"), auroc("student"), auroc("student_pruned")
+    passed = bool(report.get("constraints", {}).get("passed"))
+    ok = (passed and teacher is not None and teacher >= TEACHER_MIN
+          and all(v is not None and teacher - v <= STUDENT_GAP for v in (student, pruned)))
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    def gap(v: float | None) -> str:
+        return "-" if v is None or teacher is None else f"{v - teacher:+.4f}"
+
+    row = [str(seed), f"{wall_s:.0f}", *(f"{shares[st]:.0f}" if st in shares else "-" for st in ("teacher", "student", "prune")),
+           fmt(teacher), fmt(student), gap(student), fmt(pruned), gap(pruned),
+           "PASS" if passed else "FAIL", "**yes**" if ok else "no"]
+    return row, ok
+
+
+def seeds_main(args: argparse.Namespace, seeds: list[int]) -> None:
+    """One whole quickstart per seed: AUROCs, the report's verdict, the margin targets, wall time."""
+    load_before = _load_before(args.quick)
+    watch, t_start = LoadWatch(), time.perf_counter()
+    suffix = "_quick" if args.quick else ""
+    common = [f"run.output_dir={OUT}"] + (QUICK if args.quick else [])
+    rows, walls, oks = [], [], []
+    for seed in seeds:
+        name = f"bench_pipeline_seed{seed}{suffix}"
+        shutil.rmtree(OUT / name, ignore_errors=True)
+        child = _run([f"run.name={name}", f"run.seed={seed}", *common])
+        shares, _, _ = _stage_shares(child)
+        report = json.loads((Path(OUT) / name / "report.json").read_text())
+        row, ok = seed_row(seed, child.wall_s, shares, report)
+        rows.append(row)
+        walls.append(child.wall_s)
+        oks.append(ok)
+    threads = usable_cores()
+    peak = matmul_peak_gflops(threads)
+    overrides = " ".join(QUICK) if args.quick else "none"
+    targets = "; ".join(f"{n} ({g:.0f} GFLOP/s): < {t / 60:.0f} min" for n, g, t in MACHINE_TARGETS)
+    body = "\n".join([
+        f"`python -m distill.run {CONFIG} run.seed=S` from a fresh run directory per seed (overrides: {overrides}). "
+        f"This machine's fp32 matmul peak: **{peak:.0f} GFLOP/s** with {threads} thread(s). Seconds per stage from "
+        "the timestamps of the run's log lines. Test AUROC (threshold on validation); Δ is against the teacher. "
+        f"Verdict: the report's own check of the quickstart's constraints. Margin: teacher ≥ {TEACHER_MIN}, student "
+        f"and pruned student within {STUDENT_GAP} of the teacher, constraints passed.",
+        "",
+        md_table(["seed", "wall s", "teacher s", "student s", "prune s", "teacher AUROC", "student AUROC",
+                  "Δ student", "pruned AUROC", "Δ pruned", "verdict", "margin met"], rows),
+        "",
+        f"- seeds meeting every target: {sum(oks)} of {len(oks)}",
+        f"- wall time: {min(walls):.0f}-{max(walls):.0f} s (targets by machine class: {targets})",
+    ])
+    record("Pipeline: the quickstart on several seeds (verdict, margin, wall time)", body, quick=args.quick,
+           load_before=load_before, watch=watch, wall_s=time.perf_counter() - t_start)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, measures nothing")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: one whole run per seed with AUROCs and verdicts, no per-stage processes")
     args = p.parse_args(argv)
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds_main(args, seeds)
+        return
     load_before = _load_before(args.quick)
     watch, t_start = LoadWatch(), time.perf_counter()
 

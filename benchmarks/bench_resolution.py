@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_resolution [--quick] [--seeds 0] [--sizes 224,160,128]
                                           [--students mobilenetv3_small_100,mobilenetv3_large_100]
-                                          [--epochs 8] [--no-latency] [--allow-busy] [--fresh]
+                                          [--epochs 8] [--prune] [--no-latency] [--allow-busy] [--fresh]
 
 MACs fall with the square of the input side (160 px: ~0.51x of 224 px, 128 px: ~0.33x), so the
 input size trades accuracy for speed as pruning does. This measures what it costs in accuracy.
@@ -40,6 +40,7 @@ benchmark resumes where it stopped; ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -53,6 +54,7 @@ from benchmarks.common import OUT, LoadWatch, md_table, record
 from core.rundir import PREDICTIONS, RECORD, read_predictions
 from data.prepare import prepare_data
 from distill.config import Config, load_config
+from distill.compress import prune_stage
 from distill.stages import Context, baseline_stage
 from profiling.cost.counting import count_macs, count_params
 from profiling.cost.machine import other_cpu_load, usable_cores
@@ -66,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "quickstart.yaml"  # the training settings
 RECIPE = ROOT / "configs" / "vit_to_mbv3.yaml"  # the student architecture
 STAGE = "student_baseline"
+PRUNED = "student_pruned"
 SEVERITY = (0.3, 0.7)
 RENDER_SIZE = 224
 COUNTS = {"num_train": 600, "num_val": 200, "num_test": 300}
@@ -84,6 +87,8 @@ class Cell:
     ci: tuple[float, float]  # 95% bootstrap interval of the test AUROC
     epochs: int
     seconds: float | None  # training and scoring; None when the model was finished by an earlier run
+    pruned: "Cell | None" = None  # with --prune: the same student pruned as the recipe prunes, recovered
+    macs_pruned: int | None = None
 
 
 @dataclass
@@ -105,6 +110,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"timm names, comma-separated (default: student.arch of {RECIPE.relative_to(ROOT)})")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every model (default 8; --quick: 1)")
     p.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime timing")
+    p.add_argument("--prune", action="store_true",
+                   help="also prune each student with the recipe's prune settings, recovered by distillation from "
+                        "the unpruned student, and report the pruned AUROC beside it")
     p.add_argument("--allow-busy", action="store_true",
                    help="keep latency figures timed while other processes used the CPU")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
@@ -146,6 +154,20 @@ def _score(stage_dir: Path, seconds: float | None) -> Cell:
     return Cell(test["auroc"], test["f1"], ci, meta["epochs_run"], seconds)
 
 
+def _pruned(cell_dir: Path, cfg: Config, data, device, log) -> tuple[Cell, int]:
+    """Prune the cell's trained student with the recipe's ``prune:`` settings, recovered by
+    distillation from the unpruned student itself (the pipeline distills from the teacher; here the
+    question is only what the pruning costs), and score it."""
+    for role in ("teacher", "student"):  # the prune stage reads both; here both are the trained student
+        _link(cell_dir / STAGE, cell_dir / role)
+    earlier = (cell_dir / PRUNED / RECORD).is_file()
+    model = load_model(cell_dir / STAGE)
+    t0 = time.perf_counter()
+    prune_stage(Context(cfg, cell_dir, data, device, log), model, model)
+    cell = _score(cell_dir / PRUNED, None if earlier else time.perf_counter() - t0)
+    return cell, int(load_meta(cell_dir / PRUNED)["cost"]["macs"])
+
+
 def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str], sizes: list[int], settings: dict,
              log) -> dict[tuple[str, int], Cell]:
     """Every (student, size) of one seed, on one split rendered once."""
@@ -171,6 +193,12 @@ def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str
             log(f"[bench] seed {seed} {student} @{size}: test AUROC {cell.auroc:.4f} "
                 f"[{cell.ci[0]:.3f}, {cell.ci[1]:.3f}], F1 {cell.f1:.3f}"
                 + (f" ({seconds:.0f} s)" if seconds is not None else " (finished earlier)"))
+            if args.prune:
+                pcfg = dataclasses.replace(cfg, prune=load_config(RECIPE).prune)
+                seed_everything(seed)
+                cell.pruned, cell.macs_pruned = _pruned(cell_dir, pcfg, data, device, log)
+                log(f"[bench] seed {seed} {student} @{size} pruned ({pcfg.prune.target}): test AUROC "
+                    f"{cell.pruned.auroc:.4f} [{cell.pruned.ci[0]:.3f}, {cell.pruned.ci[1]:.3f}]")
     return out
 
 
@@ -216,6 +244,13 @@ def _signed(values: list[float]) -> str:
     return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _pruned_cells(cells: list[Cell]) -> list[str]:
+    if any(c.pruned is None for c in cells):
+        return []
+    return [_mean_sd([c.pruned.auroc for c in cells]), _signed([c.pruned.auroc - c.auroc for c in cells]),
+            f"{statistics.mean(c.macs_pruned for c in cells) / 1e6:.1f}"]
+
+
 def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[str, int], Cost], students: list[str],
            sizes: list[int]) -> tuple[str, list[str]]:
     """The (student, size) table and the sentences computed from it; ``results`` by seed."""
@@ -236,7 +271,7 @@ def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[st
                          _mean_sd([c.f1 for c in cells]), "—" if size == largest else _signed(delta),
                          f"{cost.macs / 1e6:.1f}", f"{cost.macs / ref_cost.macs:.2f}×", f"{cost.params / 1e6:.2f}",
                          f"{cost.latency_ms:.3g}" if cost.latency_ms is not None else cost.latency_note,
-                         _seconds(cells)])
+                         _seconds(cells), *_pruned_cells(cells)])
             if size != largest and statistics.mean(delta) >= -WITHIN:
                 kept.append(size)
         drops = ", ".join(
@@ -254,6 +289,17 @@ def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[st
     head = ["student", "input", "test AUROC", "95% bootstrap CI (per seed)", "test F1 (val threshold)",
             f"Δ AUROC vs {largest} px", "MACs (M)", f"MACs vs {largest} px", "params (M)", "ONNX b1 median ms",
             "train + eval s (mean)"]
+    pruned = [c.pruned for r in results.values() for c in r.values()]
+    if pruned and all(p is not None for p in pruned):
+        head += ["pruned: test AUROC", "pruned: Δ vs unpruned", "pruned: MACs (M)"]
+        for student in students:
+            for size in sorted(sizes, reverse=True):
+                cells = [results[s][(student, size)] for s in seeds]
+                delta = statistics.mean(c.pruned.auroc - c.auroc for c in cells)
+                verdicts.append(f"- {student} @{size} px pruned: Δ AUROC {delta:+.3f} against the unpruned student "
+                                f"({'within' if delta >= -WITHIN else 'beyond'} {WITHIN})")
+    else:
+        rows = [r[:len(head)] for r in rows]
     return md_table(head, rows), verdicts
 
 
@@ -302,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         + ("not timed." if args.no_latency else
            f"ONNX Runtime fp32, batch 1, {threads} thread(s), median of {3 if args.quick else 30} runs (seed "
            f"{seeds[0]}'s model; the weights do not change it)."),
+        *([f"With --prune: each trained student pruned as `{RECIPE.relative_to(ROOT)}` prunes (target "
+           f"{recipe.prune.target}, {recipe.prune.steps} round(s), importance {recipe.prune.importance}, "
+           f"{recipe.prune.finetune_epochs} epoch(s) between rounds, {recipe.prune.epochs} after the last), recovered "
+           "by distillation from the unpruned student itself."] if args.prune else []),
         "",
         table,
         "",

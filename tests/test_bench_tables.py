@@ -93,3 +93,23 @@ def test_breakdown_section_renders_each_profiled_student_and_says_why_one_is_mis
     assert "1.0 M on the ONNX graph, 1.0 M by fvcore" in text
     assert "#### pruned student (macs 0.5)\n\nNot profiled: it failed: Fail: boom." in text
     assert breakdown_section(models, {}, peak=50.0) == []  # every student within its target: no section
+
+
+def _report(teacher: float, student: float, pruned: float, passed: bool = True) -> dict:
+    models = {"teacher": teacher, "student": student, "student_pruned": pruned}
+    return {"models": {k: {"test": {"auroc": v}} for k, v in models.items()}, "constraints": {"passed": passed}}
+
+
+def test_pipeline_seed_row_checks_the_margin_targets():
+    from benchmarks.bench_pipeline import seed_row
+
+    shares = {"teacher": 100.0, "student": 50.0, "prune": 20.0}
+    row, ok = seed_row(0, 240.0, shares, _report(0.985, 0.99, 0.978))
+    assert ok and row[0] == "0" and row[1] == "240" and row[2:5] == ["100", "50", "20"]
+    assert row[7] == "+0.0050" and row[9] == "-0.0070" and row[-2] == "PASS"
+    assert not seed_row(0, 1.0, shares, _report(0.975, 0.99, 0.99))[1]  # teacher below 0.98
+    assert not seed_row(0, 1.0, shares, _report(0.99, 0.99, 0.975))[1]  # pruned 0.015 below the teacher
+    assert not seed_row(0, 1.0, shares, _report(0.99, 0.99, 0.99, passed=False))[1]  # constraints failed
+    missing = {"models": {"teacher": {"test": {"auroc": 0.99}}}, "constraints": {"passed": True}}
+    row, ok = seed_row(1, 1.0, {}, missing)
+    assert not ok and row[6] == "-" and row[2] == "-"
