@@ -1,6 +1,6 @@
 """Does distillation pay? Few labels, an unlabeled pool, a pretrained teacher; paired over seeds.
 
-    python -m benchmarks.bench_distill [--quick] [--seeds 0,1,2,3,4] [--fractions 0.05,0.1,1.0]
+    python -m benchmarks.bench_distill [--quick] [--seeds 0,1,2,3,4] [--fractions 0.05,0.1,1.0] [--methods scratch,kd_pool]
 
 The situation of an inspection line: few labels, many unlabeled images. Synthetic ``segment``
 beads at 64 px, defect severity 0.3-0.7 (so that no model is at 1.0), the student
@@ -85,6 +85,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, measures nothing")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--fractions", default="0.05,0.1,1.0", help="label fractions (default 0.05,0.1,1.0)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: every method planned for a fraction)")
     p.add_argument("--epochs", type=int, default=10, help="student epochs, the same for every run (default 10)")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
     return p.parse_args()
@@ -121,7 +123,8 @@ def run_cell(args: argparse.Namespace, root: Path, seed: int, fraction: float, l
     data = prepare_data(cfg.data, cell / "data_run" / "data", seed)
     out: dict[str, dict] = {}
     teachers = {}
-    needed = {METHODS[m].teacher for m in PLAN[fraction] if METHODS[m].teacher} | set(TEACHERS)
+    plan = [m for m in PLAN[fraction] if args.methods is None or m in args.methods]
+    needed = {METHODS[m].teacher for m in plan if METHODS[m].teacher} | {"pretrained"}
     for name in sorted(needed):
         tdir = cell / f"teacher_{name}"
         _link(cell / "data_run" / "data", tdir / "data")
@@ -132,7 +135,7 @@ def run_cell(args: argparse.Namespace, root: Path, seed: int, fraction: float, l
         out[f"teacher_{name}"] = _test(tdir, "teacher")
         log(f"[bench] seed {seed} labels {fraction:.0%} teacher {name}: test AUROC "
             f"{out[f'teacher_{name}']['auroc']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    for key in PLAN[fraction]:
+    for key in plan:
         method = METHODS[key]
         vdir = cell / key
         _link(cell / "data_run" / "data", vdir / "data")
@@ -227,6 +230,11 @@ def main() -> int:
     unknown = [f for f in fractions if f not in PLAN]
     if unknown:
         raise SystemExit(f"--fractions: no plan for {unknown}; choose from {sorted(PLAN)}")
+    if args.methods is not None:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if args.quick:
         seeds, args.epochs = seeds[:2], 1
     root = OUT / ("bench_distill_quick" if args.quick else "bench_distill")

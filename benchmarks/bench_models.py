@@ -11,7 +11,7 @@ student is exported to ONNX fp32 and static int8 (calibrated on random-normal im
 only), the teacher to ONNX fp32. Each model is then timed with :func:`profiling.cost.profile_model.profile_model`
 on every usable core, and read against the targets of the issue:
 
-- the deployed pruned student (the faster of ONNX fp32 and int8 at batch 1) at least 50x faster than
+- the deployed pruned student (the fastest of ONNX fp32, int8 and OpenVINO at batch 1) at least 50x faster than
   the teacher in eager PyTorch at batch 1,
 - with at most 1.5% of the teacher's MACs,
 - and within 2x of its own FLOP-limit time (``2 x MACs / fp32 matmul peak``).
@@ -503,7 +503,7 @@ def report(cfg: Config, models: list[Model], s: Settings, threads: int, peak: fl
         "",
         results_table(models, s.batch_sizes),
         "",
-        "### Targets (deployed = the faster of ONNX fp32 and int8 at batch 1)",
+        "### Targets (deployed = the fastest at batch 1 of ONNX Runtime fp32, int8 and OpenVINO fp32 where installed)",
         "",
         targets_table(models) if 1 in s.batch_sizes else "Not checked: batch 1 was not measured.",
         *breakdown_section(models, breakdowns or {}, peak),
