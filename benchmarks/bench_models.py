@@ -1,12 +1,15 @@
 """Teacher, student, pruned students and int8: params, MACs, latency per runtime x batch, distance from the limit.
 
-    python -m benchmarks.bench_models [--quick] [--targets 0.5,0.3] [--batch-sizes 1 32] [--allow-busy]
+    python -m benchmarks.bench_models [--quick] [--targets 0.5,0.3] [--latency-ms 0.7] [--batch-sizes 1 32] [--allow-busy]
 
 The architectures, input sizes and pruning settings are the ``configs/vit_to_mbv3.yaml`` recipe's
 (read with :func:`distill.config.load_config`). Every network is built with random weights
 (``pretrained=False``: no hub access here); latency does not depend on the weights. The student is
 pruned structurally with the recipe's :class:`student.prune.StudentPruner` settings to each MAC
-target, without training (pruning removes channels; which ones does not change the time). Each
+target, without training (pruning removes channels; which ones does not change the time), and with
+``--latency-ms X`` to a measured batch-1 ONNX Runtime time as ``prune.target: {latency_ms: X}`` does
+(candidates exported and timed in a fresh process, then bisection:
+:func:`student.latency_target.search_latency_ratio`). Each
 student is exported to ONNX fp32 and static int8 (calibrated on random-normal images: for timing
 only), the teacher to ONNX fp32. Each model is then timed with :func:`profiling.cost.profile_model.profile_model`
 on every usable core, and read against the targets of the issue:
@@ -50,7 +53,8 @@ from profiling.cost.profile_model import ModelEntry, profile_model
 from deploy.export import export_onnx, quantize_int8
 from deploy.openvino_runtime import openvino_version
 from student.model import build_student
-from student.prune import StudentPruner
+from student.latency_target import LatencySettings, SubprocessTimer, search_latency_ratio
+from student.prune import StudentPruner, prune_options
 from teacher.model import build_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,14 +96,19 @@ class Model:
 # --- building ------------------------------------------------------------------------------------
 
 
-def _targets(text: str | None, cfg: Config) -> list[dict[str, float]]:
-    """The recipe's own prune target, then ``{macs: t}`` for each of ``text`` (default 0.3), deduplicated."""
+def _targets(text: str | None, cfg: Config, latency: str | None = None) -> list[dict[str, float]]:
+    """The recipe's own prune target, then ``{macs: t}`` for each of ``text`` (default 0.3), then
+    ``{latency_ms: x}`` for each of ``latency``, deduplicated."""
     extra = [0.3] if text is None else [float(t) for t in text.split(",") if t.strip()]
     targets = [] if text is not None else [dict(cfg.prune.target)]
     for t in extra:
         if not 0.0 < t < 1.0:
             raise SystemExit(f"--targets: {t} is not a fraction of MACs kept in (0, 1)")
         targets.append({"macs": t})
+    for ms in ([] if latency is None else [float(x) for x in latency.split(",") if x.strip()]):
+        if not ms > 0:
+            raise SystemExit(f"--latency-ms: {ms} is not a time in ms > 0")
+        targets.append({"latency_ms": ms})
     unique: list[dict[str, float]] = []
     for t in targets:
         if t not in unique:
@@ -109,12 +118,14 @@ def _targets(text: str | None, cfg: Config) -> list[dict[str, float]]:
 
 def _target_name(target: dict[str, float]) -> str:
     metric, kept = next(iter(target.items()))
+    if metric == "latency_ms":
+        return f"ms{kept:g}".replace(".", "p")
     return f"{metric}{round(kept * 100):02d}"
 
 
 def _target_text(target: dict[str, float]) -> str:
     metric, kept = next(iter(target.items()))
-    return f"{metric} {kept:g}"
+    return f"{kept:g} ms on onnx" if metric == "latency_ms" else f"{metric} {kept:g}"
 
 
 def _taylor_loss(img_size: int):
@@ -128,11 +139,20 @@ def _taylor_loss(img_size: int):
     return loss_fn
 
 
-def _prune(student: nn.Module, img_size: int, cfg: Config, target: dict[str, float]) -> tuple[nn.Module, list]:
+def _prune(student: nn.Module, img_size: int, cfg: Config, target: dict[str, float], *,
+           allow_busy: bool = False) -> tuple[nn.Module, list]:
     """A pruned copy of ``student`` (the recipe's pruning settings, ``target``) and its rounds."""
     net = copy.deepcopy(student)
     prune_cfg = dataclasses.replace(cfg.prune, target=dict(target))
-    pruner = StudentPruner(net, torch.zeros(1, 3, img_size, img_size), prune_cfg, loss_fn=_taylor_loss(img_size))
+    example = torch.zeros(1, 3, img_size, img_size)
+    macs_goal = None
+    if "latency_ms" in target:  # as the prune stage does: measured candidates, then the MACs of the one that meets it
+        timer = SubprocessTimer(LatencySettings(runtime="onnx", batch=1, threads=usable_cores(), allow_busy=allow_busy),
+                                where="bench_models --latency-ms", busy_hint="an idle CPU", log=print)
+        search = search_latency_ratio(net, example, target["latency_ms"], timer, options=prune_options(prune_cfg),
+                                      loss_fn=_taylor_loss(img_size), log=print)
+        macs_goal = search.chosen.macs
+    pruner = StudentPruner(net, example, prune_cfg, loss_fn=_taylor_loss(img_size), macs_goal=macs_goal)
     while not pruner.done:
         pruner.step()
     return net.eval(), pruner.rounds
@@ -158,7 +178,8 @@ def _export(net: nn.Module, img_size: int, out_dir: Path, key: str, cfg: Config,
     return fp32, quantize_int8(fp32, out_dir / f"{key}_int8.onnx", _calibration(img_size))
 
 
-def build_models(cfg: Config, targets: list[dict[str, float]], out_dir: Path) -> list[Model]:
+def build_models(cfg: Config, targets: list[dict[str, float]], out_dir: Path, *,
+                 allow_busy: bool = False) -> list[Model]:
     teacher = build_teacher(dataclasses.replace(cfg.teacher, pretrained=False, weights=None))
     student = build_student(dataclasses.replace(cfg.student, pretrained=False, weights=None))
     t_net, t_size = teacher.net.eval(), teacher.img_size
@@ -175,7 +196,7 @@ def build_models(cfg: Config, targets: list[dict[str, float]], out_dir: Path) ->
     print(f"built and exported teacher and student in {time.perf_counter() - start:.0f} s", flush=True)
     for target in targets:
         start = time.perf_counter()
-        net, rounds = _prune(s_net, s_size, cfg, target)
+        net, rounds = _prune(s_net, s_size, cfg, target, allow_busy=allow_busy)
         key = f"student_pruned_{_target_name(target)}"
         fp32, int8 = _export(net, s_size, out_dir, key, cfg, int8=True)
         models.append(Model(key, f"pruned student ({_target_text(target)})", "pruned",
@@ -518,6 +539,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_models", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="check that the script runs (small models, few runs)")
     p.add_argument("--targets", help="MAC fractions kept, comma-separated (default: the recipe's target and 0.3)")
+    p.add_argument("--latency-ms", help="also prune to these batch-1 ONNX Runtime latencies (ms, comma-separated), "
+                                        "searched on this machine as prune.target: {latency_ms: X} is")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 32 (--quick: 1 2)")
     p.add_argument("--teacher-batch-runs", type=int, default=30,
                    help="timed runs for the teacher at batches above 1 (default 30)")
@@ -541,12 +564,12 @@ def main(argv: list[str] | None = None) -> None:
                      allow_busy=args.allow_busy)
     s.batch_sizes = sorted(set(s.batch_sizes))
     out_dir = OUT / ("bench_models-quick" if args.quick else "bench_models")
-    targets = _targets(args.targets, cfg)
+    targets = _targets(args.targets, cfg, args.latency_ms)
     threads = usable_cores()
     print(f"teacher {cfg.teacher.arch}, student {cfg.student.arch}, prune targets {targets}, batches "
           f"{s.batch_sizes}, {threads} thread(s); files in {out_dir}", flush=True)
 
-    models = build_models(cfg, targets, out_dir)
+    models = build_models(cfg, targets, out_dir, allow_busy=args.allow_busy)
 
     notes: list[str] = []
     if args.allow_busy or args.quick:
