@@ -113,6 +113,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune", action="store_true",
                    help="also prune each student with the recipe's prune settings, recovered by distillation from "
                         "the unpruned student, and report the pruned AUROC beside it")
+    p.add_argument("--prune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change the recipe's prune settings for --prune, e.g. global_pruning=true")
     p.add_argument("--allow-busy", action="store_true",
                    help="keep latency figures timed while other processes used the CPU")
     p.add_argument("--fresh", action="store_true", help="delete earlier benchmark models and train everything again")
@@ -154,6 +156,11 @@ def _score(stage_dir: Path, seconds: float | None) -> Cell:
     return Cell(test["auroc"], test["f1"], ci, meta["epochs_run"], seconds)
 
 
+def recipe_prune(changes: list[str]):
+    """The recipe's ``prune:`` settings with ``--prune-set`` changes (validated as config overrides)."""
+    return load_config(RECIPE, [f"prune.{c}" for c in changes]).prune
+
+
 def _pruned(cell_dir: Path, cfg: Config, data, device, log) -> tuple[Cell, int]:
     """Prune the cell's trained student with the recipe's ``prune:`` settings, recovered by
     distillation from the unpruned student itself (the pipeline distills from the teacher; here the
@@ -182,6 +189,10 @@ def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str
         for size in sizes:
             cell_dir = seed_dir / f"{student}_{size}"
             _link(seed_dir / "data_run" / "data", cell_dir / "data")
+            if args.prune_set:  # the unpruned students are the same: reuse the ones trained without --prune-set
+                plain = OUT / ("bench_resolution_quick" if args.quick else "bench_resolution") / f"seed{seed}"
+                if (plain / f"{student}_{size}" / STAGE / RECORD).is_file():
+                    _link(plain / f"{student}_{size}" / STAGE, cell_dir / STAGE)
             cfg: Config = load_config(CONFIG, overrides(root, seed, student, size, epochs=args.epochs, **settings))
             assert cfg.data == base.data  # one split and one set of renders for every size
             earlier = (cell_dir / STAGE / RECORD).is_file()  # resumed: its time is not this run's
@@ -194,7 +205,7 @@ def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str
                 f"[{cell.ci[0]:.3f}, {cell.ci[1]:.3f}], F1 {cell.f1:.3f}"
                 + (f" ({seconds:.0f} s)" if seconds is not None else " (finished earlier)"))
             if args.prune:
-                pcfg = dataclasses.replace(cfg, prune=load_config(RECIPE).prune)
+                pcfg = dataclasses.replace(cfg, prune=recipe_prune(args.prune_set))
                 seed_everything(seed)
                 cell.pruned, cell.macs_pruned = _pruned(cell_dir, pcfg, data, device, log)
                 log(f"[bench] seed {seed} {student} @{size} pruned ({pcfg.prune.target}): test AUROC "
@@ -322,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--sizes: {min(sizes)} px is below 32 px, the students' total stride")
     if max(sizes) > settings["render"]:
         raise SystemExit(f"--sizes: {max(sizes)} px is above the {settings['render']} px the images are rendered at")
-    root = OUT / ("bench_resolution_quick" if args.quick else "bench_resolution")
+    root = OUT / (("bench_resolution_quick" if args.quick else "bench_resolution")
+                  + "".join(f"_{c.replace('=', '-')}" for c in args.prune_set))
     if args.fresh and root.exists():
         shutil.rmtree(root)
     # AUROCs do not depend on the CPU load (only the wall time does): no need to wait for an idle CPU.
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
              for student in students for size in sizes}
     table, verdicts = tables(results, costs, students, sizes)
     cfg = load_config(CONFIG, overrides(root, seeds[0], students[0], sizes[0], epochs=args.epochs, **settings))
-    syn, st = cfg.data.synthetic, cfg.student
+    syn, st, pr = cfg.data.synthetic, cfg.student, recipe_prune(args.prune_set)
     body = "\n".join([
         f"Synthetic {syn.view} beads rendered at {syn.image_size} px, severity {list(syn.severity)}, {syn.num_train} "
         f"training / {syn.num_val} val / {syn.num_test} test images ({syn.defect_ratio:.0%} defects; each training "
@@ -349,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
            f"ONNX Runtime fp32, batch 1, {threads} thread(s), median of {3 if args.quick else 30} runs (seed "
            f"{seeds[0]}'s model; the weights do not change it)."),
         *([f"With --prune: each trained student pruned as `{RECIPE.relative_to(ROOT)}` prunes (target "
-           f"{recipe.prune.target}, {recipe.prune.steps} round(s), importance {recipe.prune.importance}, "
-           f"{recipe.prune.finetune_epochs} epoch(s) between rounds, {recipe.prune.epochs} after the last), recovered "
-           "by distillation from the unpruned student itself."] if args.prune else []),
+           f"{pr.target}, {pr.steps} round(s), importance {pr.importance}, global_pruning {pr.global_pruning}, "
+           f"{pr.finetune_epochs} epoch(s) between rounds, {pr.epochs} after the last"
+           + (f"; changed: {', '.join(args.prune_set)}" if args.prune_set else "")
+           + "), recovered by distillation from the unpruned student itself."] if args.prune else []),
         "",
         table,
         "",
