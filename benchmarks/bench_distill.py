@@ -30,14 +30,13 @@ benchmark resumes where it stopped; ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import OUT, LoadWatch, md_table, record
+from benchmarks.common import OUT, LoadWatch, link_dir, md_table, record
 from data.prepare import prepare_data
 from distill.config import Config, load_config
 from distill.stages import Context, baseline_stage, student_stage, teacher_stage
@@ -102,14 +101,6 @@ def _base(args: argparse.Namespace, root: Path, seed: int, fraction: float) -> l
     return base
 
 
-def _link(target: Path, link: Path) -> None:
-    """A variant's run directory shares the data split and the teacher by symlink (their digests
-    are what the variant's provenance records)."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        os.symlink(os.path.relpath(target, link.parent), link)
-
-
 def _test(run_dir: Path, stage: str) -> dict:
     return load_meta(run_dir / stage)["metrics"]["test"]
 
@@ -127,7 +118,7 @@ def run_cell(args: argparse.Namespace, root: Path, seed: int, fraction: float, l
     needed = {METHODS[m].teacher for m in plan if METHODS[m].teacher} | {"pretrained"}
     for name in sorted(needed):
         tdir = cell / f"teacher_{name}"
-        _link(cell / "data_run" / "data", tdir / "data")
+        link_dir(cell / "data_run" / "data", tdir / "data")
         tcfg = load_config(CONFIG, [*base, *TEACHERS[name], *(["teacher.epochs=1"] if args.quick else [])])
         seed_everything(seed)
         t0 = time.perf_counter()
@@ -138,10 +129,10 @@ def run_cell(args: argparse.Namespace, root: Path, seed: int, fraction: float, l
     for key in plan:
         method = METHODS[key]
         vdir = cell / key
-        _link(cell / "data_run" / "data", vdir / "data")
+        link_dir(cell / "data_run" / "data", vdir / "data")
         extra = list(method.overrides)
         if method.teacher:
-            _link(cell / f"teacher_{method.teacher}", vdir / "teacher")
+            link_dir(cell / f"teacher_{method.teacher}", vdir / "teacher")
             extra = [*teachers[method.teacher][1], *extra]
         vcfg: Config = load_config(CONFIG, [*base, *extra])
         ctx = Context(vcfg, vdir, data, device, log)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import statistics
 import time
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import OUT, LoadWatch, md_table, record
+from benchmarks.common import OUT, LoadWatch, link_dir, md_table, record
 from core.rundir import PREDICTIONS, RECORD, read_predictions
 from data.prepare import prepare_data
 from distill.config import Config, load_config
@@ -141,19 +140,19 @@ def overrides(root: Path, seed: int, student: str, size: int, *, epochs: int, re
     return out + [f"data.synthetic.{k}={v}" for k, v in counts.items()]
 
 
-def _link(target: Path, link: Path) -> None:
-    """A cell's run directory shares its seed's data split by symlink (its digest is in the provenance)."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        os.symlink(os.path.relpath(target, link.parent), link)
-
-
 def _score(stage_dir: Path, seconds: float | None) -> Cell:
     meta = load_meta(stage_dir)
     test = meta["metrics"]["test"]
     scores = read_predictions(stage_dir / PREDICTIONS)["test"]
     ci = bootstrap_ci(scores.probs, scores.labels, meta["threshold"], ("auroc",), n=BOOTSTRAP)["auroc"]
     return Cell(test["auroc"], test["f1"], ci, meta["epochs_run"], seconds)
+
+
+def bench_root(quick: bool, prune_set: tuple[str, ...] | list[str] = ()) -> Path:
+    """Where the models live: one folder per set of ``--prune-set`` changes (the unpruned students
+    of the plain folder are linked into the others)."""
+    return OUT / (("bench_resolution_quick" if quick else "bench_resolution")
+                  + "".join(f"_{c.replace('=', '-')}" for c in prune_set))
 
 
 def recipe_prune(changes: list[str]):
@@ -166,7 +165,7 @@ def _pruned(cell_dir: Path, cfg: Config, data, device, log) -> tuple[Cell, int]:
     distillation from the unpruned student itself (the pipeline distills from the teacher; here the
     question is only what the pruning costs), and score it."""
     for role in ("teacher", "student"):  # the prune stage reads both; here both are the trained student
-        _link(cell_dir / STAGE, cell_dir / role)
+        link_dir(cell_dir / STAGE, cell_dir / role)
     earlier = (cell_dir / PRUNED / RECORD).is_file()
     model = load_model(cell_dir / STAGE)
     t0 = time.perf_counter()
@@ -188,11 +187,11 @@ def run_seed(args: argparse.Namespace, root: Path, seed: int, students: list[str
     for student in students:
         for size in sizes:
             cell_dir = seed_dir / f"{student}_{size}"
-            _link(seed_dir / "data_run" / "data", cell_dir / "data")
+            link_dir(seed_dir / "data_run" / "data", cell_dir / "data")
             if args.prune_set:  # the unpruned students are the same: reuse the ones trained without --prune-set
-                plain = OUT / ("bench_resolution_quick" if args.quick else "bench_resolution") / f"seed{seed}"
+                plain = bench_root(args.quick) / f"seed{seed}"
                 if (plain / f"{student}_{size}" / STAGE / RECORD).is_file():
-                    _link(plain / f"{student}_{size}" / STAGE, cell_dir / STAGE)
+                    link_dir(plain / f"{student}_{size}" / STAGE, cell_dir / STAGE)
             cfg: Config = load_config(CONFIG, overrides(root, seed, student, size, epochs=args.epochs, **settings))
             assert cfg.data == base.data  # one split and one set of renders for every size
             earlier = (cell_dir / STAGE / RECORD).is_file()  # resumed: its time is not this run's
@@ -333,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--sizes: {min(sizes)} px is below 32 px, the students' total stride")
     if max(sizes) > settings["render"]:
         raise SystemExit(f"--sizes: {max(sizes)} px is above the {settings['render']} px the images are rendered at")
-    root = OUT / (("bench_resolution_quick" if args.quick else "bench_resolution")
-                  + "".join(f"_{c.replace('=', '-')}" for c in args.prune_set))
+    root = bench_root(args.quick, args.prune_set)
     if args.fresh and root.exists():
         shutil.rmtree(root)
     # AUROCs do not depend on the CPU load (only the wall time does): no need to wait for an idle CPU.

@@ -124,3 +124,11 @@ def record(title: str, body: str, *, quick: bool, load_before: float, watch: Loa
         fh.write("\n" + section)
     print(f"appended to {path}", flush=True)
     return path
+
+
+def link_dir(target: Path, link: Path) -> None:
+    """Share a finished run directory (a data split, a teacher, a trained model) by relative symlink:
+    a benchmark variant reuses it, and its provenance records the digests of what it links to."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        os.symlink(os.path.relpath(target, link.parent), link)

@@ -22,18 +22,26 @@ from data import DEFECT
 __all__ = ["defect_probability", "onnx_logits", "onnx_metadata", "onnx_session"]
 
 
-def onnx_session(path: str | os.PathLike[str], threads: int | None = None):
-    """An ONNX Runtime CPU session; ``threads`` intra-op threads, sequential (None: ONNX Runtime decides)."""
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options: ``threads`` intra-op threads, sequential (None: ONNX Runtime decides)."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model '{path}' does not exist; run the export stage first")
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads  # 0 would mean "ORT decides": a timing would not say how many
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def onnx_session(path: str | os.PathLike[str], threads: int | None = None):
+    """An ONNX Runtime CPU session with :func:`session_options`."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model '{path}' does not exist; run the export stage first")
+    options = session_options(threads)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types

@@ -36,7 +36,6 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +201,11 @@ class Breakdown:
 def _options(threads: int, optimize: bool = True):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from deploy.runtime import session_options
+
+    options = session_options(threads)  # as deploy.runtime.onnx_session, which every timing here uses
     if not optimize:  # the graph as the file holds it, node for node (not how it is deployed)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads  # as deploy.runtime.onnx_session, which every timing here uses
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # saving an nchwc-optimized graph warns that it is machine-specific: it is only read here
     options.log_severity_level = 3
     return options
@@ -382,16 +380,11 @@ def ort_breakdown(path: str | Path, input_shape: tuple[int, ...], *, threads: in
 
     plain_ms = None
     if plain:
+        from profiling.cost.latency import measure
+
         session = _session(path, _options(threads, optimize))
         feed = {session.get_inputs()[0].name: x}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-        plain_ms = statistics.median(times)
+        plain_ms = statistics.median(measure(lambda: session.run(None, feed), warmup=warmup, runs=runs))
     return Breakdown(str(path), tuple(input_shape), threads, warmup, n, statistics.median(run_us) / 1e3,
                      kernel_us / 1e3, outside_us / 1e3, plain_ms, total_macs, ops, top_nodes, len(by_node), notes)
 
