@@ -67,7 +67,7 @@ class Method:
 
 METHODS = {
     "scratch": Method("(a) scratch", None),
-    "kd_labels": Method("(b) kd, labels only", "pretrained", ("distill.unlabeled=false",)),
+    "kd_labels": Method("(b) kd, labels only", "pretrained", ("distill.unlabeled=false", "distill.teacher_outputs=live")),
     "kd_pool": Method("(c) kd, labels + pool", "pretrained"),
     "kd_pool_vit": Method("(c) kd, labels + pool, ViT from scratch", "scratch_vit"),
     "scratch_mixup": Method("scratch + mixup", None, ("distill.mixup=0.4",)),

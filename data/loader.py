@@ -151,16 +151,26 @@ class ViewSampler(Sampler):
     ``length`` (default: the number of images) is how many items an epoch has: a longer epoch
     goes through the images several times, each pass in a new order with new views. It gives a
     model trained on a few labeled images as many updates per epoch as one trained on many
-    (the baseline beside a student distilled on a pool).
+    (the baseline beside a student distilled on a pool). With ``views=K`` such an epoch of P passes
+    has K x P fixed views per image: K alone would show a few images the same K views dozens of
+    times an epoch, which a student memorises (a distilled student on 120 labeled images, beside a
+    pool, scored 0.59 test AUROC with 2 views, 0.88 with a new view every draw). The teacher's cost stays one forward pass
+    per draw, as for a student distilled on the pool.
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None,
                  views: int | None = None, num_replicas: int = 1, rank: int = 0, length: int | None = None) -> None:
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.weights = weights
-        self.views, self.num_replicas, self.rank = views, num_replicas, rank
+        self.num_replicas, self.rank = num_replicas, rank
         self.length = n if length is None else length
+        self.views = views * self.passes if views is not None else None
         self.epoch = 0
+
+    @property
+    def passes(self) -> int:
+        """How many times an epoch goes through the images (1 unless ``length`` exceeds their number)."""
+        return max(1, -(-self.length // self.n)) if self.n else 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,7 +190,7 @@ class ViewSampler(Sampler):
     def _order(self) -> list[tuple[int, int]]:
         """(index, pass) pairs of this rank for the epoch."""
         order: list[tuple[int, int]] = []
-        for rep in range(-(-self.length // self.n)):
+        for rep in range(self.passes):
             gen = torch.Generator().manual_seed(mix_seed(self.seed, 4, self.epoch, *((rep,) if rep else ())))
             if self.weights is not None:
                 drawn = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)

@@ -59,6 +59,8 @@ class DistillConfig:
     mixup: float = 0.0
     #: live: run the teacher on every batch; cached: precompute it on fixed augmented views.
     teacher_outputs: Literal["live", "cached"] = "live"
+    #: Fixed views cached per image; an epoch that goes over few labeled images several times
+    #: (distill.unlabeled: false beside a pool) gets this many per pass.
     cache_views: int = 4
     #: Also train the same student without the teacher, to show what distillation bought.
     baseline: bool = False

@@ -397,7 +397,8 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
     record: the teacher's weights, the split, the views; any change computes it again)."""
     path = ctx.run.model("student") / "teacher_cache.safetensors"
     dataset = train_loader.dataset
-    record = provenance.make("teacher_cache", {"views": ctx.cfg.distill.cache_views, "seed": ctx.cfg.run.seed,
+    views = train_loader.sampler.views  # cache_views, times the passes of an epoch over few labeled images
+    record = provenance.make("teacher_cache", {"views": views, "seed": ctx.cfg.run.seed,
                                                "size": dataset.size, "teacher_size": dataset.teacher_size,
                                                "images": hashlib.sha256("\n".join(
                                                    s.path for s in dataset.samples).encode()).hexdigest()},
@@ -406,7 +407,7 @@ def _teacher_cache(ctx: Context, teacher: Classifier, train_loader) -> TeacherCa
         cache, saved = TeacherCache.load(path)
         if provenance.compare(saved, record).same:
             return cache
-    ctx.log(f"[distill] caching teacher outputs for {ctx.cfg.distill.cache_views} views of "
+    ctx.log(f"[distill] caching teacher outputs for {views} views of "
             f"{len(train_loader.dataset)} training {'tiles' if ctx.data.tiled else 'images'}")
     cache = build_teacher_cache(teacher, train_loader.dataset, train_loader.sampler, device=ctx.device,
                                 batch_size=64, precision=precision_for(ctx.device, ctx.cfg.teacher.amp))

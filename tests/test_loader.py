@@ -107,6 +107,22 @@ def test_a_longer_epoch_passes_over_the_images_again_with_new_views() -> None:
         assert len({(i, v) for i, v in drawn[:20]}) == 20  # an image's second pass is a new view of it
 
 
+def test_a_longer_epoch_with_cached_views_gets_views_for_every_pass() -> None:
+    # 10 images drawn 25 times an epoch (3 passes): 2 cached views become 6, each a fixed seed,
+    # and every draw of every epoch is one of them (what the teacher cache covers).
+    s = ViewSampler(10, seed=1, views=2, length=25)
+    assert s.passes == 3 and s.views == 6 and ViewSampler(10, seed=1, views=2).views == 2
+    cached = {i: {s.cached_view_seed(i, k) for k in range(s.views)} for i in range(10)}
+    assert all(len(v) == 6 for v in cached.values())
+    seen: dict[int, set[int]] = {i: set() for i in range(10)}
+    for epoch in range(12):
+        s.set_epoch(epoch)
+        for i, v in s:
+            assert v in cached[i]
+            seen[i].add(v)
+    assert sum(len(v) for v in seen.values()) > 2 * 10 * 2  # far more than 2 distinct views per image
+
+
 def test_unlabeled_images_load_as_minus_one_and_keep_weight_one_in_a_weighted_sampler() -> None:
     rng = np.random.default_rng(0)
     samples = [Sample(f"m{i}", int(i < 4), str(i), "train") for i in range(16)]
