@@ -1,6 +1,9 @@
-"""The sentences and tables benchmarks compute from their figures (no benchmark is run here)."""
+"""The sentences and tables benchmarks compute from their figures (no benchmark is run here; the
+wide-test check scores the tiny run test_faults.py shares)."""
 
 from __future__ import annotations
+
+import pytest
 
 from profiling.cost.ort_breakdown import Breakdown, OpTime
 
@@ -113,3 +116,27 @@ def test_pipeline_seed_row_checks_the_margin_targets():
     missing = {"models": {"teacher": {"test": {"auroc": 0.99}}}, "constraints": {"passed": True}}
     row, ok = seed_row(1, 1.0, {}, missing)
     assert not ok and row[6] == "-" and row[2] == "-"
+    report = _report(0.99, 0.98, 0.99)
+    report["models"]["student"]["vs_teacher"] = {"auroc_delta": {"delta": -0.01, "low": -0.031, "high": 0.012}}
+    assert seed_row(2, 1.0, shares, report)[0][7] == "-0.0100 [-0.031, +0.012]"
+
+
+def test_wide_test_scores_the_finished_models_on_a_larger_fresh_split(tmp_path_factory):
+    from benchmarks.bench_pipeline import seed_row, wide_test
+    from test_faults import reference_run
+
+    run_dir = reference_run(tmp_path_factory)
+    before = (run_dir / "student" / "predictions.csv").read_bytes()
+    wide = wide_test(run_dir, 0, 40)
+    assert wide["images"] == 40 and set(wide["models"]) == {"teacher", "student", "student_pruned"}
+    teacher = wide["models"]["teacher"]["test"]["auroc"]
+    for name in ("student", "student_pruned"):
+        m = wide["models"][name]
+        d = m["vs_teacher"]["auroc_delta"]
+        assert d["delta"] == pytest.approx(m["test"]["auroc"] - teacher) and d["low"] <= d["delta"] <= d["high"]
+    assert (run_dir / "student" / "predictions.csv").read_bytes() == before  # the run itself is untouched
+    report = _report(0.99, 0.99, 0.99)
+    row, ok = seed_row(0, 1.0, {}, report, wide)
+    assert len(row) == 12 + 6 and row[13] == f"{wide['models']['student']['test']['auroc']:.4f}"
+    assert ok == (teacher >= 0.98 and all(teacher - wide["models"][n]["test"]["auroc"] <= 0.01
+                                          for n in ("student", "student_pruned")))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from profiling.report.quality import (BOOTSTRAP_METRICS, _resampled_metrics, agreement, binary_metrics, bootstrap_ci, mean_kl, pr_points, roc_points)
+from profiling.report.quality import (BOOTSTRAP_METRICS, _resampled_metrics, agreement, binary_metrics, bootstrap_ci, mean_kl, paired_auroc_delta, pr_points, roc_points)
 
 # 3 defects, 5 normals. No score sits on a 15-bin edge (multiples of 1/15), so the ECE is unambiguous.
 PROBS = [0.9, 0.5, 0.3, 0.7, 0.5, 0.25, 0.1, 0.45]
@@ -138,6 +138,27 @@ def test_stratified_resampling_keeps_the_lone_defect_in_every_resample() -> None
     assert ci["recall"] == (1.0, 1.0)
     assert all(np.isfinite(ci["auroc"]))
     assert ci["specificity"][0] < ci["specificity"][1]  # the normals do vary
+
+
+def test_paired_auroc_delta_is_the_difference_and_pairing_narrows_its_interval() -> None:
+    probs, labels = _scores(400, seed=6)
+    rng = np.random.default_rng(1)
+    other = np.clip(probs + rng.normal(0, 0.05, probs.shape), 0, 1)  # a model that mostly agrees
+    d = paired_auroc_delta(other, probs, labels, n=1000)
+    exact = binary_metrics(other, labels, 0.5)["auroc"] - binary_metrics(probs, labels, 0.5)["auroc"]
+    assert d["delta"] == pytest.approx(exact, abs=1e-12)
+    assert d["low"] <= d["delta"] <= d["high"]
+    # Both models on the same resamples: the interval of the difference is far narrower than the
+    # difference of two independent intervals would suggest.
+    single = bootstrap_ci(probs, labels, 0.5, metrics=("auroc",), n=1000)["auroc"]
+    assert d["high"] - d["low"] < 0.5 * (single[1] - single[0])
+    same = paired_auroc_delta(probs, probs, labels, n=200)
+    assert same == {"delta": 0.0, "low": 0.0, "high": 0.0, "sd": 0.0}
+
+
+def test_paired_auroc_delta_without_both_classes_is_nan() -> None:
+    d = paired_auroc_delta([0.2, 0.7], [0.3, 0.4], [0, 0], n=10)
+    assert all(math.isnan(v) for v in d.values())
 
 
 def test_unknown_bootstrap_metric_lists_the_valid_ones() -> None:

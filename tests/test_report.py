@@ -174,6 +174,9 @@ def test_report_schema_and_cost_per_model(default_report: dict) -> None:
     assert report["models"]["teacher"]["latency_skipped"] == {}  # the teacher's missing int8 is not its figure
     assert 0 <= report["models"]["student"]["vs_teacher"]["agreement"] <= 1
     assert report["models"]["student"]["vs_teacher"]["kl_nats"] >= 0
+    delta = report["models"]["student"]["vs_teacher"]["auroc_delta"]
+    gap = report["models"]["student"]["test"]["auroc"] - report["models"]["teacher"]["test"]["auroc"]
+    assert delta["delta"] == pytest.approx(gap) and delta["low"] <= delta["delta"] <= delta["high"]
     assert report["data"]["counts"]["test"] == {"normal": 28, "defect": 12} and report["machine"]["cpu"] == "test cpu"
 
 

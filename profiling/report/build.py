@@ -26,7 +26,7 @@ from core.files import atomic_write_text, json_ready
 from core.rundir import RunDir, SplitScores
 from profiling.report.constraints import choose_deployed, fastest_runtimes
 from profiling.report.figures import write_plots
-from profiling.report.quality import agreement, binary_metrics, bootstrap_ci, mean_kl
+from profiling.report.quality import agreement, binary_metrics, bootstrap_ci, mean_kl, paired_auroc_delta
 from profiling.report.render import render_markdown, verdict
 from profiling.report.runfiles import ModelRun, RunFiles, read_run
 from profiling.report.thresholds import choose_threshold
@@ -129,8 +129,10 @@ def _cost(m: ModelRun, profile: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _vs_teacher(models: dict[str, ModelRun], rows: dict[str, dict[str, Any]], notes: list[str]) -> None:
-    """Teacher–student agreement (same decision, each at its threshold) and KL on test, in place."""
+def _vs_teacher(models: dict[str, ModelRun], rows: dict[str, dict[str, Any]], notes: list[str],
+                bootstrap: int = 0, ci: float = 0.95) -> None:
+    """Teacher–student agreement (same decision, each at its threshold), KL and the AUROC difference
+    with its paired bootstrap interval (``bootstrap`` resamples; none at 0) on test, in place."""
     if "teacher" not in models:
         return
     teacher = _split(models["teacher"], "test")
@@ -145,6 +147,9 @@ def _vs_teacher(models: dict[str, ModelRun], rows: dict[str, dict[str, Any]], no
             "agreement": agreement(teacher.probs, test.probs, rows["teacher"]["threshold"], rows[name]["threshold"]),
             "kl_nats": mean_kl(teacher.probs, test.probs),
         }
+        if bootstrap:
+            delta = paired_auroc_delta(test.probs, teacher.probs, test.labels, n=bootstrap, ci=ci)
+            rows[name]["vs_teacher"]["auroc_delta"] = {**delta, "ci_level": ci}
 
 
 def _leakage(rows: dict[str, dict[str, Any]], data_report: dict[str, Any] | None) -> dict[str, Any]:
@@ -216,7 +221,7 @@ def _model_rows(files: RunFiles, notes: list[str]) -> dict[str, dict[str, Any]]:
         if m.runtime_checks:
             rows[name]["runtime_checks"] = m.runtime_checks
         rows[name]["fastest"] = fastest_runtimes(rows[name])
-    _vs_teacher(files.models, rows, notes)
+    _vs_teacher(files.models, rows, notes, files.eval.bootstrap, files.eval.ci)
     for row in rows.values():
         if row.get("image") is not None and row.get("tiles_per_image"):
             row["image"]["latency_ms"] = _per_image_latency(row)

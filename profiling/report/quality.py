@@ -39,6 +39,7 @@ __all__ = [
     "as_scores",
     "binary_metrics",
     "bootstrap_ci",
+    "paired_auroc_delta",
     "BOOTSTRAP_METRICS",
     "agreement",
     "mean_kl",
@@ -221,6 +222,37 @@ def bootstrap_ci(
         low, high = np.quantile(values[m], [alpha, 1 - alpha])
         out[m] = (float(low), float(high))
     return out
+
+
+def paired_auroc_delta(probs_a: ArrayLike, probs_b: ArrayLike, labels: ArrayLike, n: int = 1000,
+                       ci: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """AUROC of model a minus that of model b on the same images, with a paired bootstrap interval.
+
+    Both models are scored on the same stratified resamples (as in :func:`bootstrap_ci`), so what
+    they have in common (which images are hard) cancels and the interval is that of the
+    difference: ``{"delta", "low", "high", "sd"}``. Its width says what gap the split can resolve:
+    on 80 defects and 320 normals, two models about 0.98 apart by 0.01 are within it.
+    """
+    if n < 1:
+        raise ValueError(f"n (resamples) must be >= 1, got {n}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    pa, y = as_scores(probs_a, labels)
+    pb, _ = as_scores(probs_b, labels)
+    is_defect = y.numpy().astype(bool)
+    n_pos, n_neg = int(is_defect.sum()), int((~is_defect).sum())
+    point = float(binary_auroc(pa, y).item() - binary_auroc(pb, y).item()) if n_pos and n_neg else float("nan")
+    if n_pos == 0 or n_neg == 0:
+        return {"delta": point, "low": float("nan"), "high": float("nan"), "sd": float("nan")}
+    rng = np.random.default_rng(seed)
+    draw_pos, draw_neg = rng.integers(0, n_pos, size=(n, n_pos)), rng.integers(0, n_neg, size=(n, n_neg))
+    diff = np.zeros(n)
+    for sign, p in ((1, pa.numpy()), (-1, pb.numpy())):
+        uniq, group = np.unique(p, return_inverse=True)
+        diff += sign * _resampled_auroc(group[is_defect][draw_pos], group[~is_defect][draw_neg], len(uniq))
+    alpha = (1 - ci) / 2
+    low, high = np.quantile(diff, [alpha, 1 - alpha])
+    return {"delta": point, "low": float(low), "high": float(high), "sd": float(diff.std(ddof=1)) if n > 1 else 0.0}
 
 
 # --- teacher vs student ----------------------------------------------------------------------

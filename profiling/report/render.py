@@ -263,6 +263,13 @@ def _learned(seen: dict[str, int] | None) -> str:
     return f"{seen['labeled']} labeled{unit}" + (f" + {seen['unlabeled']} unlabeled" if seen.get("unlabeled") else "")
 
 
+def _delta(vs: dict[str, Any]) -> str:
+    d = vs.get("auroc_delta")
+    if not d:
+        return "-"
+    return f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
 def _splits_section(report: dict[str, Any]) -> str:
     body = []
     for name, r in report["models"].items():
@@ -272,12 +279,14 @@ def _splits_section(report: dict[str, Any]) -> str:
                      *[_f(s.get(sp, {}).get("recall")) for sp in ("train", "val", "test")]])
     header = ["model", "AUROC train", "val", "test", "F1 train", "val", "test", "recall train", "val", "test"]
     text = "## Train / validation / test\n\n" + _table(header, body)
-    pairs = [[n, _f(r["vs_teacher"]["agreement"]), _f(r["vs_teacher"]["kl_nats"], 4)]
+    pairs = [[n, _f(r["vs_teacher"]["agreement"]), _f(r["vs_teacher"]["kl_nats"], 4), _delta(r["vs_teacher"])]
              for n, r in report["models"].items() if r.get("vs_teacher")]
     if pairs:
         text += ("\n\nTeacher vs the others on test: agreement is the fraction of identical decisions (each at its own "
-                 "threshold); KL(teacher ‖ model) in nats per image.\n\n"
-                 + _table(["model", "agreement", "KL (nats)"], pairs))
+                 "threshold); KL(teacher ‖ model) in nats per image; AUROC − teacher's with its paired bootstrap "
+                 "interval (both models on the same resamples): a gap inside the interval is one this test split "
+                 "cannot tell from zero.\n\n"
+                 + _table(["model", "agreement", "KL (nats)", "AUROC − teacher"], pairs))
     return text
 
 
