@@ -171,6 +171,10 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _label(key: str) -> str:
+    return METHODS[key].label if key in METHODS else f"(d) teacher: {key.removeprefix('teacher_')}"
+
+
 def tables(results: dict[tuple[int, float], dict[str, dict]], seeds: list[int],
            fractions: list[float]) -> tuple[str, list[str]]:
     """The per-fraction table and the sentences computed from it."""
@@ -179,7 +183,7 @@ def tables(results: dict[tuple[int, float], dict[str, dict]], seeds: list[int],
         got = {k: [results[(s, fraction)][k]["auroc"] for s in seeds] for k in results[(seeds[0], fraction)]}
         rows = []
         for key, values in got.items():
-            label = METHODS[key].label if key in METHODS else f"(d) teacher: {key.removeprefix('teacher_')}"
+            label = _label(key)
             ref = "scratch_mixup" if key == "kd_pool_mixup" else "scratch"
             if key.startswith("teacher_") or key == ref or ref not in got:
                 rows.append([label, _mean_sd(values), "-", "-", "-"])
@@ -188,7 +192,9 @@ def tables(results: dict[tuple[int, float], dict[str, dict]], seeds: list[int],
             rows.append([label, _mean_sd(values), f"{d['mean']:+.3f} ± {d['sd']:.3f} (vs {ref})",
                          _p(d.get("t_p")), _p(d.get("wilcoxon_p"))])
         head = ["model", "test AUROC (mean ± std)", "paired Δ AUROC", "paired t p", "Wilcoxon p"]
-        text.append(f"### {fraction:.0%} of the labels\n\n" + md_table(head, rows))
+        per_seed = [[_label(k), *(f"{v:.4f}" for v in values)] for k, values in got.items()]
+        text.append(f"### {fraction:.0%} of the labels\n\n" + md_table(head, rows)
+                    + "\n\nPer seed (test AUROC):\n\n" + md_table(["model", *(f"seed {s}" for s in seeds)], per_seed))
         if "kd_pool" in got and "scratch" in got and "teacher_pretrained" in got:
             d = paired(got["kd_pool"], got["scratch"])
             gap = statistics.mean(got["teacher_pretrained"]) - statistics.mean(got["kd_pool"])
