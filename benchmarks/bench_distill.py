@@ -255,7 +255,8 @@ def main() -> int:
         "",
         "What the numbers say (computed from the table):",
         "",
-        *verdicts,
+        *(verdicts or ["- nothing to compare: this run has no (a) scratch beside the kd methods (`--methods`); "
+                       "pair it with a run of the same seeds that has"]),
     ])
     record("bench_distill: does distillation pay with few labels and a pool?", body, quick=args.quick,
            load_before=load_before, watch=watch, wall_s=time.perf_counter() - t0)
