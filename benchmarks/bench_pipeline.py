@@ -127,7 +127,9 @@ def wide_test(run_dir: Path, seed: int, n: int) -> dict:
 
     from data.prepare import prepare_data
     from distill.config import load_config
-    from profiling.report.quality import binary_metrics, paired_auroc_delta
+    from torchmetrics.functional.classification import binary_auroc
+
+    from profiling.report.quality import paired_auroc_delta
     from training.engine import evaluate
     from training.modeling import load_model
 
@@ -140,10 +142,12 @@ def wide_test(run_dir: Path, seed: int, n: int) -> dict:
         model = load_model(run_dir / name)
         out = evaluate(model, data.unit_loader("test", model.img_size, 128), device=torch.device("cpu"))
         probs[name], labels = out.logits.float().softmax(1)[:, 1], out.labels
-    models = {name: {"test": {"auroc": binary_metrics(p, labels, 0.5)["auroc"]}} for name, p in probs.items()}
-    for name in probs.keys() - {"teacher"} if "teacher" in probs else ():
-        models[name]["vs_teacher"] = {"auroc_delta": paired_auroc_delta(probs[name], probs["teacher"], labels)}
-    return {"models": models, "images": len(labels) if labels is not None else 0}
+    models = {name: {"test": {"auroc": binary_auroc(p, labels).item()}} for name, p in probs.items()}
+    for name in models:
+        if name != "teacher" and "teacher" in probs:
+            models[name]["vs_teacher"] = {"auroc_delta": paired_auroc_delta(probs[name], probs["teacher"], labels)}
+    return {"models": models, "images": 0 if labels is None else len(labels),
+            "defects": 0 if labels is None else int(labels.sum())}
 
 
 def seed_row(seed: int, wall_s: float, shares: dict[str, float], report: dict,
@@ -190,7 +194,7 @@ def seeds_main(args: argparse.Namespace, seeds: list[int]) -> None:
     watch, t_start = LoadWatch(), time.perf_counter()
     suffix = "_quick" if args.quick else ""
     common = [f"run.output_dir={OUT}"] + (QUICK if args.quick else [])
-    rows, walls, oks = [], [], []
+    rows, walls, oks, defects = [], [], [], set()
     for seed in seeds:
         name = f"bench_pipeline_seed{seed}{suffix}"
         shutil.rmtree(OUT / name, ignore_errors=True)
@@ -198,6 +202,8 @@ def seeds_main(args: argparse.Namespace, seeds: list[int]) -> None:
         shares, _, _ = _stage_shares(child)
         report = json.loads((Path(OUT) / name / "report.json").read_text())
         wide = wide_test(Path(OUT) / name, seed, args.test_images) if args.test_images else None
+        if wide is not None:
+            defects.add(wide["defects"])
         row, ok = seed_row(seed, child.wall_s, shares, report, wide)
         rows.append(row)
         walls.append(child.wall_s)
@@ -216,7 +222,7 @@ def seeds_main(args: argparse.Namespace, seeds: list[int]) -> None:
         f"and pruned student within {STUDENT_GAP} of the teacher, constraints passed.",
         "",
         *([f"Columns after the verdict: the same three models scored on {args.test_images} more test images "
-           f"rendered after the run ({args.test_images // 5} defects; no stage chose anything on them), and the "
+           f"rendered after the run ({'/'.join(map(str, sorted(defects)))} defects; no stage chose anything on them), and the "
            "margin judged there."] if args.test_images else []),
         "",
         md_table(["seed", "wall s", "teacher s", "student s", "prune s", "teacher AUROC", "student AUROC",

@@ -154,8 +154,8 @@ class ViewSampler(Sampler):
     (the baseline beside a student distilled on a pool). With ``views=K`` such an epoch of P passes
     has K x P fixed views per image: K alone would show a few images the same K views dozens of
     times an epoch, which a student memorises (a distilled student on 120 labeled images, beside a
-    pool, scored 0.59 test AUROC with 2 views, 0.88 with a new view every draw). The teacher's cost stays one forward pass
-    per draw, as for a student distilled on the pool.
+    pool, scored 0.59 test AUROC with 2 views, 0.88 with a new view every draw). The teacher's
+    cost stays one forward pass per draw, as for a student distilled on the pool.
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None,

@@ -128,7 +128,7 @@ def test_wide_test_scores_the_finished_models_on_a_larger_fresh_split(tmp_path_f
     run_dir = reference_run(tmp_path_factory)
     before = (run_dir / "student" / "predictions.csv").read_bytes()
     wide = wide_test(run_dir, 0, 40)
-    assert wide["images"] == 40 and set(wide["models"]) == {"teacher", "student", "student_pruned"}
+    assert wide["images"] == 40 and wide["defects"] == 8 and set(wide["models"]) == {"teacher", "student", "student_pruned"}
     teacher = wide["models"]["teacher"]["test"]["auroc"]
     for name in ("student", "student_pruned"):
         m = wide["models"][name]
