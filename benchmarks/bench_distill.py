@@ -70,7 +70,8 @@ METHODS = {
     "kd_labels": Method("(b) kd, labels only", "pretrained", ("distill.unlabeled=false", "distill.teacher_outputs=live")),
     "kd_pool": Method("(c) kd, labels + pool", "pretrained"),
     "kd_pool_vit": Method("(c) kd, labels + pool, ViT from scratch", "scratch_vit"),
-    "scratch_mixup": Method("scratch + mixup", None, ("distill.mixup=0.4",)),
+    # distill.mixup needs live teacher outputs for the config to be valid; this run has no teacher
+    "scratch_mixup": Method("scratch + mixup", None, ("distill.mixup=0.4", "distill.teacher_outputs=live")),
     "kd_pool_mixup": Method("kd + mixup, labels + pool", "pretrained",
                             ("distill.mixup=0.4", "distill.teacher_outputs=live")),
 }

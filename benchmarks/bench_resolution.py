@@ -155,9 +155,18 @@ def bench_root(quick: bool, prune_set: tuple[str, ...] | list[str] = ()) -> Path
                   + "".join(f"_{c.replace('=', '-')}" for c in prune_set))
 
 
-def recipe_prune(changes: list[str]):
-    """The recipe's ``prune:`` settings with ``--prune-set`` changes (validated as config overrides)."""
-    return load_config(RECIPE, [f"prune.{c}" for c in changes]).prune
+def recipe_prune(changes: list[str] | tuple[str, ...]):
+    """The recipe's ``prune:`` settings with ``--prune-set`` changes (validated as config overrides).
+
+    The recovery's learning rate keeps the recipe's ratio to the student's own: the recipe's student
+    is pretrained and fine-tuned at its lr, this benchmark's is trained from scratch at the
+    quickstart's (a copied absolute rate would be a different recipe). ``lr=`` in the changes wins.
+    """
+    recipe = load_config(RECIPE, [f"prune.{c}" for c in changes])
+    if any(c.split("=", 1)[0].strip() == "lr" for c in changes):
+        return recipe.prune
+    ratio = recipe.prune.lr / recipe.student.lr
+    return dataclasses.replace(recipe.prune, lr=ratio * load_config(CONFIG).student.lr)
 
 
 def _pruned(cell_dir: Path, cfg: Config, data, device, log) -> tuple[Cell, int]:
@@ -306,8 +315,13 @@ def tables(results: dict[int, dict[tuple[str, int], Cell]], costs: dict[tuple[st
             for size in sorted(sizes, reverse=True):
                 cells = [results[s][(student, size)] for s in seeds]
                 delta = statistics.mean(c.pruned.auroc - c.auroc for c in cells)
+                if delta > WITHIN:
+                    word = (f"more than {WITHIN} above it: the unpruned student is undertrained (its pruned copy "
+                            "trained longer); judge with more --epochs")
+                else:
+                    word = f"{'within' if delta >= -WITHIN else 'beyond'} {WITHIN}"
                 verdicts.append(f"- {student} @{size} px pruned: Δ AUROC {delta:+.3f} against the unpruned student "
-                                f"({'within' if delta >= -WITHIN else 'beyond'} {WITHIN})")
+                                f"({word})")
     else:
         rows = [r[:len(head)] for r in rows]
     return md_table(head, rows), verdicts
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{seeds[0]}'s model; the weights do not change it)."),
         *([f"With --prune: each trained student pruned as `{RECIPE.relative_to(ROOT)}` prunes (target "
            f"{pr.target}, {pr.steps} round(s), importance {pr.importance}, global_pruning {pr.global_pruning}, "
-           f"{pr.finetune_epochs} epoch(s) between rounds, {pr.epochs} after the last"
+           f"{pr.finetune_epochs} epoch(s) between rounds, {pr.epochs} after the last, lr {pr.lr:g}"
            + (f"; changed: {', '.join(args.prune_set)}" if args.prune_set else "")
            + "), recovered by distillation from the unpruned student itself."] if args.prune else []),
         "",

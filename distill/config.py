@@ -56,6 +56,7 @@ class DistillConfig:
     alpha: float = 0.5
     feature_weight: float = 1.0
     #: Mixup Beta(a, a) parameter for function matching (0: off); teacher and student see the same mix.
+    #: The baseline student (``baseline: true``) is trained with the same mixup, without the teacher.
     mixup: float = 0.0
     #: live: run the teacher on every batch; cached: precompute it on fixed augmented views.
     teacher_outputs: Literal["live", "cached"] = "live"

@@ -358,8 +358,11 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
         + (" training tiles" if ctx.data.tiled else " training images")
     if epoch_length:
         labels += f" ({epoch_length} draws an epoch, as many updates as the distilled student)"
-    if teacher is None:
-        return train, val, StudentTrainee, ce_step(train_cfg.label_smoothing, weights), "from scratch" + labels
+    if teacher is None:  # the baseline: the distilled student's recipe, mixup included, without the teacher
+        step = ce_step(train_cfg.label_smoothing, weights, mixup_alpha=cfg.distill.mixup,
+                       generator=torch.Generator().manual_seed(cfg.run.seed))
+        mixed = f" (mixup={cfg.distill.mixup})" if cfg.distill.mixup > 0 else ""
+        return train, val, StudentTrainee, step, "from scratch" + mixed + labels
     teacher.to(ctx.device)
     cache = _teacher_cache(ctx, teacher, train) if cached else None
 

@@ -50,15 +50,23 @@ def make_projector(student: Classifier, teacher: Classifier) -> FeatureProjector
     return FeatureProjector(s_channels, t_tokens.shape[-1], grid, prefix)
 
 
-def ce_step(label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Callable:
-    """Plain supervised step (the teacher, and the from-scratch baseline student)."""
+def ce_step(label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None, *, mixup_alpha: float = 0.0,
+            generator: torch.Generator | None = None) -> Callable:
+    """Plain supervised step (the teacher, and the from-scratch baseline student).
+
+    ``mixup_alpha`` > 0 mixes the batch and its labels as :func:`distill_step` does: the baseline
+    keeps the distilled student's mixup, so the two differ by the teacher alone.
+    """
+    gen = generator or torch.Generator().manual_seed(0)
 
     def step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        images, labels = batch[0], batch[1]
+        images, targets = batch[0], batch[1]
+        if mixup_alpha > 0:
+            images, targets, _, _ = mixup(images, targets, mixup_alpha, gen)
         out = model(images)
         logits = out[0] if isinstance(out, tuple) else out
         weights = class_weights.to(logits.device) if class_weights is not None else None
-        return {"loss": cross_entropy(logits, labels, label_smoothing, weights)}
+        return {"loss": cross_entropy(logits, targets, label_smoothing, weights)}
 
     return step
 

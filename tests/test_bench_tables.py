@@ -50,6 +50,18 @@ def test_resolution_overrides_make_one_data_config_for_every_size(tmp_path):
         ("mobilenetv3_large_100", False, 8, 3)}
 
 
+def test_resolution_prune_recovery_keeps_the_recipes_ratio_to_the_student_lr():
+    from benchmarks.bench_resolution import CONFIG, RECIPE, recipe_prune
+    from distill.config import load_config
+
+    recipe, bench = load_config(RECIPE), load_config(CONFIG)
+    pr = recipe_prune([])
+    assert pr.lr == pytest.approx(recipe.prune.lr / recipe.student.lr * bench.student.lr)
+    assert pr.epochs == recipe.prune.epochs and pr.target == recipe.prune.target
+    assert recipe_prune(["lr=2.0e-4", "epochs=3"]).lr == pytest.approx(2e-4)  # an explicit rate wins
+    assert recipe_prune(["epochs=3"]).epochs == 3
+
+
 def test_resolution_table_and_verdicts_come_from_the_cells():
     from benchmarks.bench_resolution import Cell, Cost, tables
 
@@ -80,6 +92,22 @@ def test_resolution_verdict_when_every_smaller_size_loses():
     _, verdicts = tables(results, costs, ["s"], [224, 128])
     assert "No smaller size stays within 0.01 AUROC of 224 px." in verdicts[0]
     assert "One seed" in verdicts[0]
+
+
+def test_resolution_pruned_verdict_says_within_beyond_or_undertrained():
+    from benchmarks.bench_resolution import Cell, Cost, tables
+
+    def cell(auroc, pruned):
+        c = Cell(auroc, 0.5, (auroc - 0.05, auroc + 0.05), 8, 1.0)
+        c.pruned, c.macs_pruned = Cell(pruned, 0.5, (pruned - 0.05, pruned + 0.05), 8, 1.0), 1
+        return c
+
+    results = {0: {("s", 224): cell(0.95, 0.945), ("s", 160): cell(0.95, 0.90), ("s", 128): cell(0.60, 0.97)}}
+    costs = {("s", size): Cost(size, 1) for size in (224, 160, 128)}
+    _, verdicts = tables(results, costs, ["s"], [224, 160, 128])
+    assert "- s @224 px pruned: Δ AUROC -0.005 against the unpruned student (within 0.01)" in verdicts
+    assert "- s @160 px pruned: Δ AUROC -0.050 against the unpruned student (beyond 0.01)" in verdicts
+    assert any(v.startswith("- s @128 px pruned: Δ AUROC +0.370") and "undertrained" in v for v in verdicts)
 
 
 def test_breakdown_section_renders_each_profiled_student_and_says_why_one_is_missing():

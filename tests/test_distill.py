@@ -114,6 +114,26 @@ def test_function_matching_gives_the_teacher_the_same_mixed_batch_in_eval_mode()
     torch.testing.assert_close(student_inputs[0], expected, rtol=0, atol=0)
 
 
+def test_baseline_step_mixes_as_the_distilled_step_does() -> None:
+    """The baseline keeps the distilled student's mixup (so the two differ by the teacher alone):
+    same generator seed, same mixed images, and cross-entropy on the mixed labels."""
+    from distill.losses import cross_entropy, mixup
+    from distill.steps import ce_step
+
+    student = _student()
+    inputs: list[torch.Tensor] = []
+    student.register_forward_hook(lambda module, args, out: inputs.append(args[0].clone()))
+    images, labels, index, views = next(iter(_train_loader(views=None)))
+    out = ce_step(mixup_alpha=0.4, generator=torch.Generator().manual_seed(3))(StudentTrainee(student).train(),
+                                                                               (images, labels, index, views))
+    expected, soft, lam, _ = mixup(images, labels, 0.4, torch.Generator().manual_seed(3))
+    assert 0.0 < lam < 1.0
+    torch.testing.assert_close(inputs[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out["loss"], cross_entropy(student(expected), soft))
+    ce_step()(StudentTrainee(student), (images, labels, index, views))
+    torch.testing.assert_close(inputs[-1], images, rtol=0, atol=0)  # alpha 0: the plain batch
+
+
 def test_cached_step_uses_the_cache_not_the_teacher() -> None:
     teacher = _teacher()
     loader = _train_loader(views=2)

@@ -74,6 +74,30 @@ def test_one_epoch_lowers_the_loss(tmp_path: Path) -> None:
     assert after < before
 
 
+def _ema_distances(tmp_path: Path, warmup: bool) -> tuple[float, float]:
+    """Distance of the EMA kept after a 12-update epoch to the initial and to the final weights."""
+    model = _model()
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    train = make_loader(_data(48, 1), 4, train=True, seed=0, num_workers=0)
+    cfg = TrainConfig(epochs=1, lr=3e-3, warmup_epochs=0, ema=True, ema_decay=0.999, ema_warmup=warmup)
+    fit(model, _ce_step, train, _loaders()[1], cfg, tmp_path, device=CPU, log=lambda s: None)
+    final = load_checkpoint(tmp_path / "last.ckpt")["model"]  # the raw weights; model holds the EMA
+
+    def dist(ref: dict) -> float:
+        return sum(float((p.detach() - ref[k]).pow(2).sum()) for k, p in model.named_parameters()) ** 0.5
+
+    return dist(init), dist(final)
+
+
+def test_ema_warmup_follows_a_short_run(tmp_path: Path) -> None:
+    """With decay 0.999 and 12 updates, a plain EMA is ~99% the first update's weights; with the
+    warm-up (decay 1 - (1 + step)^(-2/3): 0.81 at step 12) it is an average of the last few."""
+    to_init, to_final = _ema_distances(tmp_path / "warm", warmup=True)
+    assert to_final < to_init
+    to_init, to_final = _ema_distances(tmp_path / "plain", warmup=False)
+    assert to_init < to_final
+
+
 def test_killed_run_resumes_and_ends_equal(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=3, lr=2e-3, warmup_epochs=0.5, ema=True, ema_decay=0.9)
     torch.manual_seed(123)

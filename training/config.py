@@ -24,6 +24,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
+    #: Ramp the EMA's decay up from 0 as 1 - (1 + update)^(-2/3) (timm's warm-up), capped at
+    #: ``ema_decay``. Without it the average starts at the first update's weights and keeps a share
+    #: ``ema_decay ** updates`` of them: 0.998 over 600 updates (10 epochs of 2,000 images at batch
+    #: 32) still holds 30% of the first update's weights, whose head is barely trained.
+    ema_warmup: bool = True
     #: Validation metric that picks the best epoch and drives early stopping.
     monitor: Literal["val_auroc", "val_f1", "val_loss"] = "val_auroc"
     #: Stop after this many epochs without improvement (None: never).

@@ -148,7 +148,7 @@ def fit(
     )
     scheduler.step_update(0)
     scaler = torch.amp.GradScaler("cuda") if precision.scaler else None
-    ema = ModelEmaV3(eval_model, decay=cfg.ema_decay) if cfg.ema else None
+    ema = ModelEmaV3(eval_model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
     params = [p for p in model.parameters() if p.requires_grad]
     trained = model
     if dist.active:
