@@ -91,7 +91,7 @@ def _ema_distances(tmp_path: Path, warmup: bool) -> tuple[float, float]:
 
 def test_ema_warmup_follows_a_short_run(tmp_path: Path) -> None:
     """With decay 0.999 and 12 updates, a plain EMA is ~99% the first update's weights; with the
-    warm-up (decay 1 - (1 + step)^(-2/3): 0.81 at step 12) it is an average of the last few."""
+    warm-up (decay 1 - t^(-2/3) at update t: 0.81 at update 12) it is an average of the last few."""
     to_init, to_final = _ema_distances(tmp_path / "warm", warmup=True)
     assert to_final < to_init
     to_init, to_final = _ema_distances(tmp_path / "plain", warmup=False)

@@ -24,7 +24,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
-    #: Ramp the EMA's decay up from 0 as 1 - (1 + update)^(-2/3) (timm's warm-up), capped at
+    #: Ramp the EMA's decay up from 0 as 1 - t^(-2/3) at update t (timm's warm-up), capped at
     #: ``ema_decay``. Without it the average starts at the first update's weights and keeps a share
     #: ``ema_decay ** updates`` of them: 0.998 over 600 updates (10 epochs of 2,000 images at batch
     #: 32) still holds 30% of the first update's weights, whose head is barely trained.
