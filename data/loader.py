@@ -73,6 +73,9 @@ class InspectionDataset(Dataset):
     With ``teacher_size``, items carry a fifth element: the teacher's own view of the same image, at
     its own resolution, made from the source pixels with the same augmentation (same seed), not a
     resample of the student's view: the teacher scores the kind of image it was evaluated on.
+    ``teacher_view = False`` drops that element from items while keeping ``teacher_size`` (a
+    student that learns from cached teacher outputs never reads it, and making it costs as much as
+    the student's own view); :meth:`view` still makes it.
     """
 
     def __init__(self, samples: list[Sample], size: int, *, augment_cfg: AugmentConfig | None = None,
@@ -82,6 +85,7 @@ class InspectionDataset(Dataset):
         self.samples = samples
         self.size = size
         self.teacher_size = teacher_size
+        self.teacher_view = teacher_size is not None
         self.augment_cfg = augment_cfg
         self.crop_pct = crop_pct
         self.synthetic = synthetic
@@ -127,7 +131,8 @@ class InspectionDataset(Dataset):
             return synthetic_pixels(sample, self.synthetic, self.run_seed, 0, size)
         return square(open_rgb(sample.path), size, self.crop_pct)
 
-    def _view(self, index: int, view_seed: int, size: int) -> torch.Tensor:
+    def view(self, index: int, view_seed: int, size: int) -> torch.Tensor:
+        """Image ``index`` at ``size`` px, augmented with ``view_seed`` (0: the plain view)."""
         chw = torch.from_numpy(np.array(self._pixels(index, view_seed, size), dtype=np.uint8)).permute(2, 0, 1)
         if self.augment_cfg is not None and view_seed != 0:
             return augment(chw, self.augment_cfg, torch.Generator().manual_seed(view_seed))
@@ -135,10 +140,10 @@ class InspectionDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         index, view_seed = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
-        item = (self._view(index, view_seed, self.size), int(self.labels[index]), index, view_seed)
-        if self.teacher_size is None:
+        item = (self.view(index, view_seed, self.size), int(self.labels[index]), index, view_seed)
+        if self.teacher_size is None or not self.teacher_view:
             return item
-        return (*item, self._view(index, view_seed, self.teacher_size))
+        return (*item, self.view(index, view_seed, self.teacher_size))
 
 
 class ViewSampler(Sampler):

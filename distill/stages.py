@@ -364,7 +364,10 @@ def student_run_parts(ctx: Context, student: Classifier, teacher: Classifier | N
         mixed = f" (mixup={cfg.distill.mixup})" if cfg.distill.mixup > 0 else ""
         return train, val, StudentTrainee, step, "from scratch" + mixed + labels
     teacher.to(ctx.device)
-    cache = _teacher_cache(ctx, teacher, train) if cached else None
+    cache = None
+    if cached:
+        cache = _teacher_cache(ctx, teacher, train)
+        train.dataset.teacher_view = False  # the cache holds the teacher's outputs on its views
 
     def trainee_of(model: Classifier) -> StudentTrainee:
         # The projector is sized from the model's real features (a pruned student's are narrower).

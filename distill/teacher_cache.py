@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core.files import atomic_write
@@ -56,6 +56,20 @@ class TeacherCache:
         return cls(tensors["seeds"], tensors["logits"]), meta
 
 
+class _TeacherViews(Dataset):
+    """The teacher's view alone of ``(index, view seed)`` keys: the student's view is not made."""
+
+    def __init__(self, dataset: InspectionDataset) -> None:
+        self.dataset = dataset
+        self.size = dataset.teacher_size if dataset.teacher_size is not None else dataset.size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        return self.dataset.view(int(key[0]), int(key[1]), self.size)
+
+
 @torch.inference_mode()
 def build_teacher_cache(teacher: nn.Module, dataset: InspectionDataset, sampler: ViewSampler, *,
                         device: torch.device, batch_size: int, precision=None) -> TeacherCache:
@@ -63,12 +77,12 @@ def build_teacher_cache(teacher: nn.Module, dataset: InspectionDataset, sampler:
     n, k = len(dataset), sampler.views
     keys = [(i, sampler.cached_view_seed(i, v)) for i in range(n) for v in range(k)]
     seeds = torch.tensor([s for _, s in keys], dtype=torch.long).view(n, k)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=0)
+    loader = DataLoader(_TeacherViews(dataset), batch_size=batch_size, sampler=keys, num_workers=0)
     teacher.eval().to(device)
     outs = []
     for batch in tqdm(loader, desc=f"cache teacher ({k} views)", unit="batch", leave=False, mininterval=1.0,
                       disable=None):
-        images = batch[-1 if dataset.teacher_size is not None else 0].to(device)  # the teacher's own view
+        images = batch.to(device)  # the teacher's own view
         if precision is not None:
             with precision.autocast(device):
                 outs.append(teacher(images).float().cpu())

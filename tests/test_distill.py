@@ -56,6 +56,39 @@ def test_cached_outputs_equal_live_teacher_on_the_same_views() -> None:
     assert checked == 4 * 8  # drop_last: 2 full batches of 4 per epoch
 
 
+def test_cache_holds_the_teacher_on_its_own_view_and_training_batches_then_drop_that_view(tmp_path) -> None:
+    """With a teacher at another size the cache is built on the teacher's own views (as the live
+    step would score them); the cached student's training items then carry no teacher view, which
+    no step reads and which costs as much to make as the student's view."""
+    from data.prepare import prepare_data
+    from distill.config import load_config
+    from distill.stages import Context, student_run_parts
+
+    teacher = _teacher()  # 32 px; the student 24 px
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(10)]
+    ds = InspectionDataset([Sample(f"m{i}", i % 2, str(i), "train") for i in range(10)], 24,
+                           augment_cfg=AugmentConfig(), pixels=[p[4:28, 4:28] for p in pixels], teacher_size=32,
+                           teacher_pixels=pixels)
+    loader = make_loader(ds, 4, train=True, seed=7, views=2, num_workers=0)
+    cache = build_teacher_cache(teacher, ds, loader.sampler, device=CPU, batch_size=4)
+    for *_, index, views, teacher_images in loader:
+        with torch.no_grad():
+            torch.testing.assert_close(cache.lookup(index, views), teacher(teacher_images), rtol=1e-5, atol=1e-6)
+    ds.teacher_view = False
+    assert len(ds[(0, 5)]) == 4 and ds.view(0, 5, 32).shape[-1] == 32
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  source: synthetic\n  synthetic: {image_size: 32, num_train: 16, num_val: 8, "
+                        "num_test: 8, defect_ratio: 0.25}\n", encoding="utf-8")
+    data = prepare_data(load_config(cfg_file, []).data, tmp_path / "run" / "data", 0)
+    for outputs, carried in (("cached", 4), ("live", 5)):
+        cfg = load_config(cfg_file, [f"distill.teacher_outputs={outputs}"])
+        ctx = Context(cfg, tmp_path / "run", data, CPU, log=lambda _: None)
+        train, *_ = student_run_parts(ctx, _student(), teacher, tmp_path / "run" / "student")
+        assert train.dataset.teacher_size == 32 and len(next(iter(train))) == carried
+
+
 def test_cache_refuses_a_view_it_never_saw() -> None:
     loader = _train_loader(views=2)
     cache = build_teacher_cache(_teacher(), loader.dataset, loader.sampler, device=CPU, batch_size=4)
