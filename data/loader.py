@@ -85,7 +85,7 @@ class InspectionDataset(Dataset):
         self.samples = samples
         self.size = size
         self.teacher_size = teacher_size
-        self.teacher_view = teacher_size is not None
+        self.teacher_view = True  # whether items carry the teacher's view when teacher_size is set
         self.augment_cfg = augment_cfg
         self.crop_pct = crop_pct
         self.synthetic = synthetic
