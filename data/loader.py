@@ -97,6 +97,12 @@ class InspectionDataset(Dataset):
         #: Rendered beads with synthetic.variants, per size and (image path, variant); shared across
         #: stages by :class:`data.prepare.PreparedData` (the renderer's own size included).
         self.variant_cache: dict[int, dict[tuple[str, int], np.ndarray]] = {}
+        #: Augmented views at ``size`` kept in RAM by (image path, view seed), or None. Set for a
+        #: training loader with a few fixed views per image (cached teacher outputs), where every
+        #: epoch would otherwise redo the same augmentations; shared across stages by
+        #: :class:`data.prepare.PreparedData`. A view is a function of its key, so a kept view is
+        #: the one that making it again would give.
+        self.view_memo: dict[tuple[str, int], torch.Tensor] | None = None
 
     @property
     def pixels(self) -> list[np.ndarray] | None:
@@ -133,6 +139,15 @@ class InspectionDataset(Dataset):
 
     def view(self, index: int, view_seed: int, size: int) -> torch.Tensor:
         """Image ``index`` at ``size`` px, augmented with ``view_seed`` (0: the plain view)."""
+        if self.view_memo is None or size != self.size or view_seed == 0:
+            return self._make_view(index, view_seed, size)
+        key = (self.samples[index].path, view_seed)
+        kept = self.view_memo.get(key)
+        if kept is None:
+            kept = self.view_memo[key] = self._make_view(index, view_seed, size)
+        return kept
+
+    def _make_view(self, index: int, view_seed: int, size: int) -> torch.Tensor:
         chw = torch.from_numpy(np.array(self._pixels(index, view_seed, size), dtype=np.uint8)).permute(2, 0, 1)
         if self.augment_cfg is not None and view_seed != 0:
             return augment(chw, self.augment_cfg, torch.Generator().manual_seed(view_seed))

@@ -62,6 +62,8 @@ class PreparedData(TileAccess):
     #: training datasets of all stages are built over the same splits, so they share them.
     _variants: dict[int, dict] = field(default_factory=dict, repr=False)
     _tile_pixels: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)  # tiles, by size
+    #: Augmented fixed views by size, then (image path, view seed): see ``InspectionDataset.view_memo``.
+    _views: dict[int, dict] = field(default_factory=dict, repr=False)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -128,11 +130,25 @@ class PreparedData(TileAccess):
     def loader(self, split: str | tuple[str, ...], size: int, batch_size: int, *, train: bool = False,
                views: int | None = None, teacher_size: int | None = None, num_replicas: int = 1,
                rank: int = 0, epoch_length: int | None = None) -> DataLoader:
-        return make_loader(
+        loader = make_loader(
             self.dataset(split, size, train=train, teacher_size=teacher_size), batch_size, train=train,
             seed=self.seed, weighted=train and self.cfg.sampler == "weighted", views=views,
             num_workers=self.cfg.num_workers, num_replicas=num_replicas, rank=rank, epoch_length=epoch_length,
         )
+        if train and views is not None and self._keep_views(loader):
+            loader.dataset.view_memo = self._views.setdefault(size, {})
+        return loader
+
+    def _keep_views(self, loader: DataLoader) -> bool:
+        """Whether a loader's fixed augmented views are kept in RAM after their first epoch: in the
+        main process only (a loader process would keep its own copy), within ``data.ram_limit_mb``
+        beside the decoded images, and never with ``data.cache: none``."""
+        if self.cfg.cache == "none" or loader.num_workers > 0:
+            return False
+        dataset = loader.dataset
+        views = len(dataset) * loader.sampler.views * 3 * dataset.size ** 2 * 4  # float32
+        pixels = sum(p.nbytes for p in dataset.pixels) if dataset.pixels is not None else 0
+        return views + pixels <= self.cfg.ram_limit_mb * 2**20
 
     @property
     def tiled(self) -> bool:

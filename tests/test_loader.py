@@ -185,3 +185,47 @@ def test_synthetic_beads_rendered_once_give_the_pixels_of_rendering_at_each_size
         assert np.array_equal(bead, real(large.samples[index], syn, 1, view % 2 + 1, 48))
     expected = real(data.split("test")[0], syn, 1, 0, 48)
     assert torch.equal(plain, torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255)
+
+
+def test_fixed_training_views_are_kept_after_their_first_use_and_shared_by_later_stages(tmp_path, monkeypatch) -> None:
+    """With K fixed views per image, each view is augmented once per run: kept views equal fresh ones,
+    a second loader (the prune stage's) reuses them, and fresh views per epoch are never kept."""
+    import data.loader as loader_module
+    from data.config import DataConfig, SyntheticConfig
+    from data.prepare import prepare_data
+
+    syn = SyntheticConfig(image_size=32, num_train=6, num_val=3, num_test=3, variants=2)
+    data = prepare_data(DataConfig(source="synthetic", synthetic=syn, num_workers=0), tmp_path / "data", seed=1)
+    loader = data.loader("train", 32, 4, train=True, views=2)
+    assert loader.dataset.view_memo is not None
+    first = []
+    for epoch in range(6):
+        loader.sampler.set_epoch(epoch)
+        first += [(int(i), int(v), x) for b in loader for x, i, v in zip(b[0], b[2], b[3])]
+    seeds = {(i, v) for i, v, _ in first}
+    assert len(loader.dataset.view_memo) == len(seeds) <= 6 * 2
+    fresh = data.dataset("train", 32, train=True)
+    assert fresh.view_memo is None
+    for i, v, x in first:
+        assert torch.equal(x, fresh[(i, v)][0])  # a kept view is the view made again
+
+    augments = []
+    real = loader_module.augment
+    monkeypatch.setattr(loader_module, "augment", lambda *a: augments.append(a) or real(*a))
+    again = data.loader("train", 32, 4, train=True, views=2)
+    assert again.dataset.view_memo is loader.dataset.view_memo
+    for i, v in seeds:
+        again.dataset[(i, v)]
+    assert augments == []  # the later stage made none of them again
+    assert data.loader("train", 32, 4, train=True).dataset.view_memo is None  # a new view every epoch: not kept
+
+
+@pytest.mark.parametrize("change", [{"cache": "none"}, {"ram_limit_mb": 0}, {"num_workers": 1}])
+def test_fixed_views_are_not_kept_without_ram_or_in_loader_processes(tmp_path, change) -> None:
+    from data.config import DataConfig, SyntheticConfig
+    from data.prepare import prepare_data
+
+    syn = SyntheticConfig(image_size=32, num_train=6, num_val=3, num_test=3, variants=2)
+    cfg = DataConfig(source="synthetic", synthetic=syn, **({"num_workers": 0} | change))
+    data = prepare_data(cfg, tmp_path / "data", seed=1)
+    assert data.loader("train", 32, 4, train=True, views=2).dataset.view_memo is None
